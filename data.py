@@ -1,0 +1,381 @@
+"""
+The lab's world: a tokenizer, a generated story corpus, instructions, the gold "human", and the data formats.
+
+Nothing is downloaded. Every text comes from a small probabilistic grammar of children's stories, deterministic
+from a seed. A story has a protagonist (a name and an animal), a place, objects and a friend, a mood (happy or sad
+sentences), a length, sometimes repeated sentences, and it is finished ("The end.") or cut off. Instructions ask
+for a character, an animal and/or a place, so a response can follow them or not.
+
+The gold human, `gold_reward(prompt, response)`, scores any text (words a story never uses and repeated words
+included). It stands in for the human whose preferences RLHF tries to learn: later stages never train on it, they
+see it only through noisy pairwise labels (reward.py), and every stage reports against it, as the DPO paper
+scores its policies against a ground-truth reward.
+
+The tokenizer is a byte-level BPE trained here on the corpus by `train_bpe` (about 1k tokens suit a model of a
+few million parameters), cached under out/, and wrapped in a tiktoken.Encoding; special tokens are
+<|endoftext|>, <|pad|> and <|mask|>. Bytes are the base vocabulary, so any text round-trips.
+"""
+import base64
+import functools
+import json
+import math
+import os
+import random
+import re
+import zlib
+from collections import Counter
+
+import tiktoken
+import torch
+
+# ----------------------------------------------------------------------------- the lexicon and the grammar
+
+NAMES = ["Tom", "Lily", "Max", "Mia", "Sam", "Anna", "Ben", "Zoe", "Leo", "Emma", "Jack", "Lucy", "Finn", "Rosa"]
+ANIMALS = ["cat", "dog", "bird", "fox", "bear", "rabbit", "frog", "owl", "duck", "mouse", "horse", "lion"]
+PLACES = ["park", "forest", "beach", "garden", "river", "farm", "castle", "lake", "hill", "village", "cave"]
+OBJECTS = ["ball", "kite", "book", "hat", "boat", "cake", "flower", "box", "drum", "key", "map", "shell"]
+ADJS = ["little", "big", "small", "old", "young", "tall", "curious", "tiny"]
+COLORS = ["red", "blue", "green", "yellow", "white", "brown"]
+POSITIVE = {"happy", "glad", "proud", "safe", "wonderful", "beautiful", "bright", "warm", "great", "nice",
+            "smiled", "laughed", "kind", "friends", "joy", "love", "loved", "fun", "hugged", "best"}
+NEGATIVE = {"sad", "scared", "lonely", "tired", "angry", "dark", "cold", "terrible", "bad", "gloomy",
+            "cried", "broken", "lost", "alone", "mean", "hurt", "afraid", "never", "worst", "shouted"}
+
+OPENINGS = ["Once upon a time, there was a {adj} {A} named {N}.", "{N} was a {adj} {A} who lived near the {P}.",
+            "There once was a {A} called {N}.", "In a {adj} village lived a {A} named {N}."]
+EVENTS = ["One day, {N} went to the {P}.", "{N} found a {C} {O} near the {P}.", "{N} met a {FA} named {F}.",
+          "{N} and {F} walked to the {P} together.", "{N} wanted to play with the {O}.",
+          "The sun was high over the {P}.", "{F} showed {N} a {C} {O}.", "They looked for the {O} all morning.",
+          "{N} climbed a tree at the {P}.", "{F} the {FA} had a {C} {O}."]
+MOOD = {
+    "pos": ["{N} felt very {pa}.", "It was a {pd} day.", "{N} smiled at {F}.", "{F} was kind and gave {N} a {O}.",
+            "{N} and {F} laughed and played with the {O}.", "They became good friends.", "{N} hugged {F}.",
+            "The {P} was full of joy."],
+    "neg": ["{N} felt very {na}.", "It was a {nd} day.", "{N} cried next to the {P}.", "The {O} was broken.",
+            "{F} was mean and took the {O}.", "{N} was lost and alone.", "{F} shouted at {N}.",
+            "The {P} was dark and cold."],
+}
+ENDINGS = {"pos": ["In the end, {N} was happy and went home.", "{N} smiled and went to sleep.",
+                   "From that day on, {N} and {F} were best friends."],
+           "neg": ["In the end, {N} was sad and went home.", "{N} cried and went to sleep.",
+                   "{N} never saw {F} again."]}
+FILL = {"pa": ["happy", "glad", "proud", "safe"], "pd": ["wonderful", "beautiful", "bright", "warm", "great"],
+        "na": ["sad", "scared", "lonely", "tired", "angry"], "nd": ["gloomy", "terrible", "bad", "cold", "dark"]}
+THE_END = "The end."
+LEXICON = ({w.lower() for w in NAMES + ANIMALS + PLACES + OBJECTS + ADJS + COLORS} | POSITIVE | NEGATIVE |
+           {w.lower() for s in OPENINGS + EVENTS + sum(MOOD.values(), []) + sum(ENDINGS.values(), []) + [THE_END]
+            for w in re.findall(r"[A-Za-z]+", s) if w not in ("N", "A", "P", "O", "F", "FA", "C", "adj")})
+
+
+def story(rng, name=None, animal=None, place=None, mood=None, n_middle=None, repeat=False, finished=True,
+          opening=True):
+    """One story. mood: "pos", "neg" or "mixed"; n_middle: events + mood sentences between opening and ending;
+    repeat: one sentence said several times; finished: ends with "The end." (else it is cut off mid-sentence)."""
+    slots = dict(N=name or rng.choice(NAMES), A=animal or rng.choice(ANIMALS), P=place or rng.choice(PLACES),
+                 O=rng.choice(OBJECTS), F=rng.choice(NAMES), FA=rng.choice(ANIMALS), C=rng.choice(COLORS),
+                 adj=rng.choice(ADJS), **{k: rng.choice(v) for k, v in FILL.items()})
+    while slots["F"] == slots["N"]:
+        slots["F"] = rng.choice(NAMES)
+    mood = mood or rng.choice(["pos", "neg", "mixed"])
+    n_middle = rng.randint(2, 6) if n_middle is None else n_middle
+    sentences = [rng.choice(OPENINGS)] if opening else []
+    for i in range(n_middle):
+        m = mood if mood != "mixed" else rng.choice(["pos", "neg"])
+        sentences.append(rng.choice(EVENTS) if i % 2 == 0 else rng.choice(MOOD[m]))
+    if repeat:
+        k = rng.randrange(len(sentences))
+        sentences[k + 1:k + 1] = [sentences[k]] * rng.randint(2, 4)
+    sentences += [rng.choice(ENDINGS[mood if mood != "mixed" else rng.choice(["pos", "neg"])]), THE_END]
+    text = " ".join(s.format(**slots) for s in sentences)
+    if not finished:  # cut off somewhere in the last third
+        words = text.split(" ")
+        text = " ".join(words[:rng.randint(2 * len(words) // 3, len(words) - 2)])
+    return text
+
+
+def pretrain_corpus(n_docs, seed=0):
+    """n_docs stories of every mood, length and quality: the self-supervised corpus of stage 1."""
+    rng = random.Random(seed)
+    return [story(rng, repeat=rng.random() < 0.1, finished=rng.random() < 0.9) for _ in range(n_docs)]
+
+
+# ----------------------------------------------------------------------------- instructions and the Alpaca template
+
+INSTRUCTIONS = ["Write a story about {N}.", "Write a story about a {A}.", "Write a story about {N} the {A}.",
+                "Write a story about a {A} at the {P}.", "Tell me a story about {N} at the {P}.",
+                "Write a story about {N} the {A} at the {P}."]
+CONTINUE = "Continue the story."
+
+
+def alpaca_prompt(instruction, input=""):
+    """Stanford Alpaca's template, with or without the ### Input: section; the response follows it."""
+    if input:
+        return ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n"
+                f"### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+    return ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            f"request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def split_of(instruction, input=""):
+    """A fixed 20% of all possible prompts is held out for evaluation; training never sees them."""
+    return "eval" if zlib.crc32(f"{instruction}|{input}".encode()) % 5 == 0 else "train"
+
+
+def random_task(rng):
+    """(instruction, input): a request for a character, animal and/or place, or a story opening to continue."""
+    slots = dict(N=rng.choice(NAMES), A=rng.choice(ANIMALS), P=rng.choice(PLACES), adj=rng.choice(ADJS))
+    if rng.random() < 0.2:
+        return CONTINUE, rng.choice(OPENINGS).format(**slots)
+    return rng.choice(INSTRUCTIONS).format(**slots), ""
+
+
+def tasks(split, n, seed=0):
+    """n distinct (instruction, input) pairs from one split ("train" or "eval")."""
+    rng, seen = random.Random(seed), {}
+    while len(seen) < n:
+        task = random_task(rng)
+        if split_of(*task) == split:
+            seen[task] = None
+    return list(seen)
+
+
+def requested(prompt):
+    """The names, animals and places a prompt asks for (mentions in its instruction or input)."""
+    body = prompt.split("### Instruction:")[-1].split("### Response:")[0]
+    words = set(re.findall(r"[A-Za-z]+", body))
+    return [w for w in NAMES + ANIMALS + PLACES if w in words]
+
+
+def demonstration(rng, instruction, input=""):
+    """A crowd worker's response: on topic 70% of the time, of any mood, sometimes repetitive or unfinished.
+    The demonstrations are deliberately mediocre, so the later stages have something to improve."""
+    want = requested(alpaca_prompt(instruction, input))
+    follow = rng.random() < 0.7
+    pick = lambda pool: next((w for w in want if w in pool), None) if follow else None
+    return story(rng, name=pick(NAMES), animal=pick(ANIMALS), place=pick(PLACES), opening=not input,
+                 repeat=rng.random() < 0.2, finished=rng.random() < 0.85)
+
+
+def sft_examples(n, seed=0, split="train"):
+    """n records {"instruction", "input", "output"} on distinct prompts of one split."""
+    rng = random.Random(seed + 1)
+    return [{"instruction": i, "input": x, "output": demonstration(rng, i, x)} for i, x in tasks(split, n, seed)]
+
+
+# ----------------------------------------------------------------------------- the gold human
+
+def gold_reward(prompt, response):
+    """The gold human's score of a response: the sum of six documented terms (about -8 to +3).
+      follow    2 * (fraction of the requested name/animal/place mentioned) - 1          in [-1, 1]
+      mood      tanh((distinct happy words - distinct sad words) / 2)                      in (-1, 1)
+      finished  +0.5 if the text ends with "The end.", else -0.5
+      repeat    -3 * (fraction of word trigrams that repeat an earlier one)               in [-3, 0]
+      length    -(20 - n)/20 below 20 words, -(n - 70)/30 above 70, else 0                n = word count
+      fluency   -2 * (fraction of words outside the world's lexicon)                       in [-2, 0]
+    Distinct words, not counts, set the mood: saying "happy" ten times is not ten times happier."""
+    words = re.findall(r"[a-z]+", response.lower())
+    n = len(words)
+    want = requested(prompt)
+    said = set(re.findall(r"[A-Za-z]+", response))
+    follow = 2 * sum(w in said for w in want) / len(want) - 1 if want else 0.0
+    mood = math.tanh((len(POSITIVE & set(words)) - len(NEGATIVE & set(words))) / 2)
+    finished = 0.5 if response.rstrip().endswith(THE_END) else -0.5
+    trigrams = list(zip(words, words[1:], words[2:]))
+    repeat = -3 * (1 - len(set(trigrams)) / len(trigrams)) if trigrams else 0.0
+    length = -max(0, 20 - n) / 20 - max(0, n - 70) / 30
+    fluency = -2 * sum(w not in LEXICON for w in words) / n if n else 0.0
+    return follow + mood + finished + repeat + length + fluency
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+# pre-tokenizer: words with their leading space, digits, punctuation runs, white space (GPT-2's split, in ASCII
+# classes so Python's re and tiktoken split alike; other characters fall to the punctuation class as bytes)
+PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
+EOT, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
+VOCAB_SIZE = 1024  # 256 bytes + merges + 3 special tokens; also the model's embedding size
+TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "tokenizer", "lab.bpe")
+
+
+def train_bpe(texts, n_merges, pattern=PATTERN):
+    """Byte-level BPE (Sennrich et al. 2016): start from the 256 bytes, repeatedly merge the most frequent
+    adjacent pair inside pre-tokenized words. Returns tiktoken's mergeable ranks {bytes: rank}."""
+    word_counts = Counter()
+    for t in texts:  # pre-tokenize with the same regex tiktoken will use
+        for piece in re.findall(pattern, t):
+            word_counts[piece.encode()] += 1
+    words = {w: [bytes([b]) for b in w] for w in word_counts}
+    ranks = {bytes([i]): i for i in range(256)}
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, syms in words.items():
+            for pair in zip(syms, syms[1:]):
+                pairs[pair] += word_counts[w]
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))  # ties broken by the bytes, so training is deterministic
+        merged = best[0] + best[1]
+        if merged not in ranks:
+            ranks[merged] = len(ranks)
+        for w, syms in words.items():
+            i, out = 0, []
+            while i < len(syms):
+                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            words[w] = out
+    return ranks
+
+
+def bpe_training_texts():
+    """What the tokenizer is trained on: stories and prompts in the template, so both become few tokens."""
+    rng = random.Random(1234)
+    texts = pretrain_corpus(3000, seed=1234)
+    texts += [alpaca_prompt(*random_task(rng)) for _ in range(300)]
+    return texts
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer(path=TOKENIZER_PATH):
+    """The lab's tiktoken.Encoding: BPE ranks trained once on the corpus (a few seconds), then read from path."""
+    if os.path.exists(path):
+        with open(path) as f:
+            ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+    else:
+        ranks = train_bpe(bpe_training_texts(), VOCAB_SIZE - 256 - 3)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:  # tiktoken's own file format: base64 token, rank
+            f.writelines(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in ranks.items())
+        os.replace(tmp, path)
+    n = len(ranks)
+    return tiktoken.Encoding("lab", pat_str=PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: n, PAD: n + 1, MASK: n + 2})
+
+
+def encode(text):
+    """Token ids of text; special-token strings inside text are encoded as plain text, never as specials."""
+    return tokenizer().encode(text, disallowed_special=())
+
+
+def decode(ids):
+    return tokenizer().decode([int(i) for i in ids])
+
+
+def special(name):
+    """The id of EOT, PAD or MASK."""
+    return tokenizer()._special_tokens[name]
+
+
+# ----------------------------------------------------------------------------- batches
+
+def lm_batch(docs, block_size, batch_size, rng):
+    """Causal-LM batch from a list of token-id lists: contiguous windows of the EOT-joined stream.
+    x (B, T) and y (B, T) = x shifted left by one."""
+    stream = docs  # a flat 1-d tensor of token ids
+    ix = torch.randint(len(stream) - block_size - 1, (batch_size,), generator=rng)
+    x = torch.stack([stream[i:i + block_size] for i in ix])  # (B, T)
+    y = torch.stack([stream[i + 1:i + 1 + block_size] for i in ix])  # (B, T)
+    return x, y
+
+
+def mlm_mask(x, mask_id, n_normal, rng, p=0.15):
+    """BERT's masking: choose 15% of positions; of those 80% -> [MASK], 10% -> a random token, 10% unchanged.
+    Returns (inputs (B, T), targets (B, T)) with targets = -1 where nothing is to be predicted."""
+    chosen = torch.rand(x.shape, generator=rng) < p  # (B, T)
+    u = torch.rand(x.shape, generator=rng)
+    inputs = x.clone()
+    inputs[chosen & (u < 0.8)] = mask_id
+    swap = chosen & (u >= 0.8) & (u < 0.9)
+    inputs[swap] = torch.randint(n_normal, x.shape, generator=rng)[swap]
+    targets = torch.where(chosen, x, torch.full_like(x, -1))
+    return inputs, targets
+
+
+def sft_tensors(examples, block_size):
+    """Tokenize {"instruction","input","output"} records as prompt + output + EOT. Labels are -1 on prompt tokens,
+    so the loss covers the response only. Returns a list of (ids, labels) 1-d tensors, cut to block_size."""
+    eot, out = special(EOT), []
+    for ex in examples:
+        prompt = encode(alpaca_prompt(ex["instruction"], ex.get("input", "")))
+        response = encode(ex["output"]) + [eot]
+        ids = (prompt + response)[:block_size + 1]
+        labels = ([-1] * len(prompt) + response)[:block_size + 1]
+        out.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))  # labels[t] is the token after ids[t]
+    return out
+
+
+def pad_right(seqs, value):
+    """Stack 1-d tensors of different lengths into (B, T_max), right-padded with value."""
+    T = max(len(s) for s in seqs)
+    return torch.stack([torch.cat([s, s.new_full((T - len(s),), value)]) for s in seqs])
+
+
+def pad_left(seqs, value):
+    """Stack 1-d tensors into (B, T_max), left-padded with value; also the (B, T_max) mask of real tokens."""
+    T = max(len(s) for s in seqs)
+    ids = torch.stack([torch.cat([s.new_full((T - len(s),), value), s]) for s in seqs])
+    mask = torch.stack([torch.arange(T) >= T - len(s) for s in seqs])
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- the user's own files
+
+def load_jsonl(path, keys):
+    """Records from a JSONL file, each an object with string values for keys; errors name the file and line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            for k in keys:
+                if k not in rec:
+                    raise ValueError(f"{path}:{lineno}: missing key {k!r} (each line needs {', '.join(keys)})")
+                if not isinstance(rec[k], str):
+                    raise ValueError(f"{path}:{lineno}: {k!r} must be a string, got {type(rec[k]).__name__}")
+            records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def save_jsonl(path, records):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
+def load_sft_jsonl(path):
+    """A user's demonstrations: {"instruction", "output"} and optionally "input"."""
+    return [{"input": "", **r} for r in load_jsonl(path, ("instruction", "output"))]
+
+
+def load_corpus(path):
+    """A plain UTF-8 text file for pretraining; documents are separated by blank lines."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+    docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+    if not docs:
+        raise ValueError(f"{path}: no text")
+    return docs

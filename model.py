@@ -1,0 +1,378 @@
+"""
+A small GPT in plain PyTorch, the model every stage shares.
+
+nanoGPT's architecture (Radford et al. 2019): learned position embeddings, pre-LayerNorm blocks, self-attention
+through F.scaled_dot_product_attention, a GELU MLP, and the token embedding tied to the output layer. Departures:
+  - `causal=False` runs the same blocks bidirectionally, for the masked-LM objective (BERT, Devlin et al. 2019).
+  - `attention_mask` (B, T) lets left-padded prompts share a batch: pad keys are hidden and positions count real
+    tokens only, so a padded row computes exactly what it would alone.
+  - `generate` keeps a KV cache; `use_cache=False` recomputes the prefix every step (the readable version, and
+    the test oracle for the cache).
+  - `ScalarHeadModel` puts a linear head on the trunk: one number per position, for the reward model and critic.
+Also here, because every script needs them: checkpoints, masked statistics, the device/autocast choice and the
+`--field=value` command-line parser.
+
+Shapes: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head size (C // nh),
+        P prompt length, R response length.
+"""
+import ast
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 1024
+    block_size: int = 192
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    causal: bool = True  # False: bidirectional attention, for the masked-LM objective
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated: (n_layer, B, nh, T_max, hs)."""
+
+    def __init__(self, config, B, T_max, device):
+        self.shape = (config.n_layer, B, config.n_head, T_max, config.n_embd // config.n_head)
+        self.k = self.v = None  # allocated at the first update, in the dtype autocast gives the keys
+        self.pos = 0  # how many time steps are filled
+        self.key_mask = torch.zeros(B, T_max, dtype=torch.bool, device=device)  # which cached keys are real tokens
+        self.next_position = torch.zeros(B, dtype=torch.long, device=device)  # position id of each row's next token
+
+    def update(self, layer, k, v):
+        if self.k is None:
+            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, nh, pos+T, hs)
+
+
+def attention_allowed(key_mask, T_q, causal):
+    """Boolean (B, 1, T_q, T_k): may query i see key j? The queries are the last T_q of the T_k positions."""
+    B, T_k = key_mask.shape
+    allowed = key_mask[:, None, None, :].expand(B, 1, T_q, T_k)
+    q_pos = torch.arange(T_k - T_q, T_k, device=key_mask.device)[:, None]  # (T_q, 1) absolute query positions
+    k_pos = torch.arange(T_k, device=key_mask.device)[None, :]  # (1, T_k)
+    if causal:
+        allowed = allowed & (k_pos <= q_pos)
+    # a query always sees itself, so a pad query never has an empty row (its output is never used)
+    return allowed | (k_pos == q_pos)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout, self.causal = config.n_head, config.dropout, config.causal
+
+    def forward(self, x, allowed=None, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, T_k, hs): the cached prefix plus these T steps
+        # softmax(q k^T / sqrt(hs)) v; with no mask to apply, SDPA's causal flag picks the flash kernel
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and allowed is None)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, allowed=None, cache=None, layer=0):
+        # pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))
+        x = x + self.attn(self.ln_1(x), allowed, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+
+    def trunk(self, idx, attention_mask=None, cache=None):
+        """Final hidden states (B, T, C). attention_mask (B, T): 1 on real tokens, 0 on (left) padding."""
+        B, T = idx.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        attention_mask = attention_mask.bool()
+        if cache is None:
+            pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T) position = real tokens before
+            key_mask = attention_mask
+        else:
+            pos = cache.next_position[:, None] + (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+            cache.key_mask[:, cache.pos:cache.pos + T] = attention_mask
+            key_mask = cache.key_mask[:, :cache.pos + T]
+        if pos.max() >= self.config.block_size:
+            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.config.block_size}")
+        plain = cache is None and bool(attention_mask.all())  # no padding, no cache: SDPA's is_causal path
+        allowed = None if plain else attention_allowed(key_mask, T, self.config.causal)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, allowed, cache, layer)
+        if cache is not None:
+            cache.next_position += attention_mask.long().sum(1)
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, attention_mask=None):
+        """logits (B, T, V); with targets (B, T) also the mean cross-entropy over targets != -1."""
+        logits = self.lm_head(self.trunk(idx, attention_mask))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None, use_cache=True,
+                 attention_mask=None, pad_token_id=None):
+        """Sample continuations of idx (B, P), left-padded where attention_mask is 0. temperature=0 is greedy.
+        Returns (B, P + n) with n <= max_new_tokens; a row that has emitted EOS is padded after it."""
+        B, P = idx.shape
+        mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, B, P + max_new_tokens, idx.device)
+        step_input, step_mask = idx, mask
+        for _ in range(max_new_tokens):
+            if use_cache:  # the prefix once, then one new token per step
+                h = self.trunk(step_input, step_mask, cache)
+            else:  # recompute the whole sequence every step
+                h = self.trunk(idx, mask)
+            logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
+            if temperature == 0:
+                next_id = logits.argmax(-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            if eos_token_id is not None:
+                next_id = torch.where(done[:, None], torch.full_like(next_id, pad), next_id)
+                done = done | (next_id[:, 0] == eos_token_id)
+            idx = torch.cat([idx, next_id], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_id, dtype=torch.bool)], dim=1)
+            step_input, step_mask = next_id, torch.ones_like(next_id, dtype=torch.bool)
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return idx
+
+
+def token_logprobs(logits, targets):
+    """log pi(targets[b, t] | context) for every position: logits (B, T, V), targets (B, T) -> (B, T)."""
+    # log softmax(z)_y = z_y - logsumexp(z)
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class ScalarHeadModel(nn.Module):
+    """The GPT trunk with a linear head: one scalar per position (B, T). The reward model reads it at the last
+    real token; the PPO critic reads it at every response position."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.gpt = GPT(config)
+        self.head = nn.Linear(config.n_embd, 1)
+        torch.nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(config.n_embd + 1))
+        torch.nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_gpt(cls, gpt):
+        """Initialise the trunk from a trained GPT (InstructGPT: the reward model starts from the SFT model)."""
+        model = cls(gpt.config)
+        model.gpt.load_state_dict(gpt.state_dict())
+        return model
+
+    def forward(self, idx, attention_mask=None):
+        return self.head(self.gpt.trunk(idx, attention_mask)).squeeze(-1).float()  # (B, T)
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the positions where mask is 1."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the positions where mask is 1 (advantage whitening)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, **extra):
+    """One plain dict {"model", "config", "kind", ...}, written to a temporary file and renamed into place, so an
+    interrupted write never leaves a half checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    ckpt = {"model": model.state_dict(), "config": dataclasses.asdict(model.config),
+            "kind": type(model).__name__, **extra}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict; torch.load with weights_only=True, so a checkpoint can never run code."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no checkpoint there")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the GPT or ScalarHeadModel a checkpoint holds."""
+    ckpt = load_checkpoint(path, device)
+    cls = {"GPT": GPT, "ScalarHeadModel": ScalarHeadModel}[ckpt["kind"]]
+    model = cls(GPTConfig(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+# ----------------------------------------------------------------------------- device, autocast, command line
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def field_docs(cls):
+    """The docstring written under each dataclass field, for --help."""
+    docs, prev = {}, None
+    for node in ast.parse(inspect.getsource(cls)).body[0].body:
+        if isinstance(node, ast.AnnAssign):
+            prev = node.target.id
+        elif prev and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev], prev = node.value.value, None
+    return docs
+
+
+def _convert(field, text, flag):
+    kind = type(field.default)
+    try:
+        if kind is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("1", "true", "yes")
+        return kind(text)
+    except ValueError:
+        raise SystemExit(f"error: {flag}={text!r} is not a valid {kind.__name__}") from None
+
+
+def parse_config(cls, argv=None, presets=None):
+    """A Config from `--field=value` / `--field value` flags, checked against the dataclass. `presets` maps a
+    preset name to field overrides; `--preset=auto` picks "gpu" when CUDA is available, else "cpu". Explicit
+    flags win over the preset."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "-h" in argv or "--help" in argv:
+        docs = field_docs(cls)
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--field=value ...]\n")
+        for f in fields.values():
+            print(f"  --{f.name}={f.default!r}\n      {docs.get(f.name, '')}")
+        raise SystemExit(0)
+    overrides = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}; flags look like --field=value")
+        key, has_value, value = arg[2:].partition("=")
+        if key not in fields:
+            valid = ", ".join(f"--{k}" for k in fields)
+            raise SystemExit(f"error: unknown flag --{key}; valid flags: {valid}")
+        if not has_value:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"error: --{key} needs a value")
+            i, value = i + 1, argv[i + 1]
+        overrides[key] = _convert(fields[key], value, f"--{key}")
+        i += 1
+    cfg = cls()
+    if presets and "preset" in fields:
+        preset = overrides.get("preset", cfg.preset)
+        if preset == "auto":
+            preset = "gpu" if torch.cuda.is_available() else "cpu"
+        if preset not in presets:
+            raise SystemExit(f"error: --preset={preset!r}; valid presets: auto, {', '.join(presets)}")
+        cfg = dataclasses.replace(cfg, **presets[preset], preset=preset)
+    for key, value in overrides.items():
+        print(f"override: {key} = {value!r}")
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k != "preset"})

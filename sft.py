@@ -1,0 +1,321 @@
+"""
+Stage 1, self-supervised pretraining, and stage 2, supervised fine-tuning (SFT).
+
+  pretrain (causal LM)  L = -1/T sum_t log p(x_t | x_<t)                                   (Radford et al. 2018)
+  pretrain (masked LM)  L = -1/|M| sum_{t in M} log p(x_t | x with M corrupted)            (Devlin et al. 2019)
+  SFT                   L = -1/|y| sum_t log pi(y_t | x, y_<t), prompt tokens x masked out  (Ouyang et al. 2022)
+
+The masked-LM run uses the same blocks with bidirectional attention and is only for comparison: SFT starts from
+the causal-LM checkpoint. Also here, shared by every later stage: sampling responses to prompts, and the
+evaluation against the gold human (mean gold reward, KL to a reference, win rate).
+
+Run:  python sft.py --stage=pretrain [--objective=mlm] [--corpus=my.txt]
+      python sft.py [--data=my_demos.jsonl]        (builds out/pretrain first if it is missing)
+"""
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import data
+from model import (GPT, GPTConfig, autocast, load_model, masked_mean, parse_config, pick_device, save_checkpoint,
+                   token_logprobs)
+
+
+@dataclass
+class Config:
+    stage: str = "sft"
+    """pretrain: self-supervised on the story corpus; sft: fine-tune the pretrained model on demonstrations"""
+    objective: str = "clm"
+    """pretraining objective: clm (next token) or mlm (masked tokens, bidirectional; written to out/pretrain_mlm)"""
+    corpus: str = ""
+    """a plain-text file to pretrain on (documents separated by blank lines); empty: the generated stories"""
+    data: str = ""
+    """a JSONL file of {"instruction", "input", "output"} demonstrations; empty: the generated ones"""
+    out_dir: str = "out"
+    """where every stage reads and writes its checkpoint and metrics.json"""
+    preset: str = "auto"
+    """cpu, gpu, or auto (gpu when CUDA is available): sizes and step counts below"""
+    device: str = "auto"
+    """cpu, cuda, or auto"""
+    seed: int = 1337
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 192
+    """longest prompt + response in tokens"""
+    dropout: float = 0.0
+    n_docs: int = 20000
+    """stories in the generated pretraining corpus"""
+    n_demos: int = 4000
+    """generated SFT demonstrations"""
+    pretrain_steps: int = 300
+    sft_steps: int = 150
+    batch_size: int = 32
+    lr: float = 2e-3
+    """peak learning rate of pretraining (SFT uses a third of it); linear warm-up, cosine decay"""
+    weight_decay: float = 0.1
+    eval_prompts: int = 128
+    """held-out prompts for the gold-human evaluation"""
+    max_new_tokens: int = 128
+
+
+PRESETS = {"cpu": {}, "gpu": dict(n_layer=8, n_head=8, n_embd=512, n_docs=100000, n_demos=20000,
+                                  pretrain_steps=2000, sft_steps=600, batch_size=64, lr=1e-3, eval_prompts=512)}
+
+
+# ----------------------------------------------------------------------------- optimisation, shared by every stage
+
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW with weight decay on matrices only (nanoGPT); the fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=str(device).startswith("cuda"))
+
+
+def lr_at(step, steps, lr, warmup=20):
+    """Linear warm-up, then cosine decay to lr/10."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr / 10 + (lr - lr / 10) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_step(model, optimizer, loss, lr, clip=1.0):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return float(norm)
+
+
+def write_metrics(out_dir, metrics):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def log(step, **fields):
+    """One progress line: step 00012 | loss 2.1234 | 120 ms"""
+    parts = [f"step {step:05d}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
+    print(" | ".join(parts), flush=True)
+
+
+# ----------------------------------------------------------------------------- sampling and the gold evaluation
+
+def eval_prompts(n):
+    """The held-out prompts every stage is scored on (the "eval" split of data.tasks)."""
+    return [data.alpaca_prompt(i, x) for i, x in data.tasks("eval", n, seed=7)]
+
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, temperature=1.0, batch_size=64, device="cpu", top_k=None):
+    """Responses to prompts. Returns (texts, prompt_ids, response_ids, ended) where response_ids are 1-d tensors
+    up to and including EOS, and ended says whether each response emitted EOS."""
+    eot = data.special(data.EOT)
+    texts, prompt_ids, response_ids, ended = [], [], [], []
+    model.eval()
+    for i in range(0, len(prompts), batch_size):
+        p = [torch.tensor(data.encode(s)) for s in prompts[i:i + batch_size]]
+        idx, mask = data.pad_left(p, eot)
+        with autocast(device):
+            out = model.generate(idx.to(device), max_new_tokens, temperature, top_k, eos_token_id=eot,
+                                 attention_mask=mask.to(device))
+        for pi, row in zip(p, out[:, idx.size(1):].cpu()):
+            stop = (row == eot).nonzero()
+            r = row[:int(stop[0]) + 1] if len(stop) else row
+            prompt_ids.append(pi)
+            response_ids.append(r)
+            ended.append(bool(len(stop)))
+            texts.append(data.decode(r[:-1] if len(stop) else r))
+    return texts, prompt_ids, response_ids, ended
+
+
+@torch.no_grad()
+def sequence_logprobs(model, prompt_ids, response_ids, device="cpu", batch_size=64):
+    """log pi(y | x) summed over each response's tokens: (N,)."""
+    out = []
+    for i in range(0, len(prompt_ids), batch_size):
+        seqs = [torch.cat([p, r]) for p, r in zip(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size])]
+        ids = data.pad_right(seqs, 0).to(device)
+        mask = torch.zeros_like(ids, dtype=torch.bool)  # 1 where the target token belongs to the response
+        for b, (p, r) in enumerate(zip(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size])):
+            mask[b, len(p) - 1:len(p) + len(r) - 1] = True
+        with autocast(device):
+            logits, _ = model(ids)
+        logprobs = token_logprobs(logits[:, :-1], ids[:, 1:])  # (B, T-1)
+        out.append((logprobs * mask[:, :-1]).sum(1).cpu())
+    return torch.cat(out)
+
+
+def win_rate(prompts, responses, baseline):
+    """Fraction of prompts where the gold human prefers responses over baseline; ties count half."""
+    wins = [0.5 if a == b else float(a > b) for a, b in
+            ((data.gold_reward(p, r), data.gold_reward(p, s)) for p, r, s in zip(prompts, responses, baseline))]
+    return sum(wins) / len(wins)
+
+
+def evaluate(model, prompts, max_new_tokens, device="cpu", ref=None, seed=0):
+    """Sample once per held-out prompt and score with the gold human. With ref: the mean sequence KL(pi || ref),
+    estimated on the samples as sum_t log pi(y_t|.) - log ref(y_t|.)."""
+    torch.manual_seed(seed)
+    texts, p_ids, r_ids, ended = sample(model, prompts, max_new_tokens, device=device)
+    gold = [data.gold_reward(p, r) for p, r in zip(prompts, texts)]
+    clean = [e and "###" not in t for t, e in zip(texts, ended)]
+    follows = [all(w in t for w in data.requested(p)) for p, t in zip(prompts, texts)]
+    metrics = dict(gold_reward=sum(gold) / len(gold), template_eos_rate=sum(clean) / len(clean),
+                   follow_rate=sum(follows) / len(follows),
+                   mean_length=sum(len(r) for r in r_ids) / len(r_ids))
+    if ref is not None:
+        kl = sequence_logprobs(model, p_ids, r_ids, device) - sequence_logprobs(ref, p_ids, r_ids, device)
+        metrics["kl"] = float(kl.mean())
+    return metrics, texts
+
+
+# ----------------------------------------------------------------------------- stage 1: pretraining
+
+def pretrain(cfg):
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    mlm = cfg.objective == "mlm"
+    if cfg.objective not in ("clm", "mlm"):
+        raise SystemExit(f"error: --objective={cfg.objective!r}; valid: clm, mlm")
+    docs = data.load_corpus(cfg.corpus) if cfg.corpus else data.pretrain_corpus(cfg.n_docs, seed=cfg.seed)
+    eot = data.special(data.EOT)
+    stream = torch.tensor([t for d in docs for t in data.encode(d) + [eot]])  # the corpus as one token stream
+    n_val = max(len(stream) // 20, cfg.block_size + 2)
+    train_stream, val_stream = stream[:-n_val], stream[-n_val:]
+    vocab = math.ceil(data.tokenizer().n_vocab / 64) * 64
+    model = GPT(GPTConfig(vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout,
+                          causal=not mlm)).to(device)
+    print(f"pretraining ({cfg.objective}) {model.num_params() / 1e6:.2f}M parameters on {len(train_stream)} tokens")
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    rng = torch.Generator().manual_seed(cfg.seed)
+
+    def batch(stream_):
+        x, y = data.lm_batch(stream_, cfg.block_size, cfg.batch_size, rng)  # (B, T), (B, T)
+        if mlm:  # predict the chosen tokens of x itself, from a corrupted copy of x
+            x, y = data.mlm_mask(x, data.special(data.MASK), data.tokenizer().n_vocab - 3, rng)
+        return x.to(device), y.to(device)
+
+    history = []
+    for step in range(cfg.pretrain_steps):
+        t0 = time.time()
+        model.train()
+        x, y = batch(train_stream)
+        with autocast(device):
+            _, loss = model(x, y)
+        optimizer_step(model, optimizer, loss, lr_at(step, cfg.pretrain_steps, cfg.lr))
+        history.append({"step": step, "loss": loss.item()})
+        log(step, loss=loss.item(), ms=int(1000 * (time.time() - t0)))
+    model.eval()
+    with torch.no_grad(), autocast(device):
+        val_loss = sum(model(*batch(val_stream))[1].item() for _ in range(10)) / 10
+    metrics = {"objective": cfg.objective, "val_loss": val_loss, "train_loss": history[-1]["loss"],
+               "params": model.num_params(), "config": asdict(cfg), "history": history}
+    out = os.path.join(cfg.out_dir, "pretrain_mlm" if mlm else "pretrain")
+    save_checkpoint(os.path.join(out, "model.pt"), model, step=cfg.pretrain_steps)
+    write_metrics(out, metrics)
+    print(f"val loss {val_loss:.4f} -> {out}/model.pt")
+    return metrics
+
+
+# ----------------------------------------------------------------------------- stage 2: SFT
+
+def sft_batch(examples, batch_size, rng, device):
+    """A batch of (ids, labels) pairs, right-padded; padded labels are -1 so they add nothing to the loss."""
+    pick = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=rng)]
+    ids = data.pad_right([p[0] for p in pick], data.special(data.PAD))  # (B, T)
+    labels = data.pad_right([p[1] for p in pick], -1)  # (B, T)
+    return ids.to(device), labels.to(device)
+
+
+def finetune(model, examples, steps, cfg, device, tag="sft"):
+    """Response-only cross-entropy on (ids, labels) examples; returns the per-step history."""
+    optimizer = make_optimizer(model, cfg.lr / 3, cfg.weight_decay, device)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for step in range(steps):
+        t0 = time.time()
+        model.train()
+        ids, labels = sft_batch(examples, cfg.batch_size, rng, device)
+        with autocast(device):
+            _, loss = model(ids, labels)  # mean over response tokens only: prompt labels are -1
+        optimizer_step(model, optimizer, loss, lr_at(step, steps, cfg.lr / 3, warmup=10))
+        history.append({"step": step, "loss": loss.item()})
+        log(step, **{f"{tag}_loss": loss.item()}, ms=int(1000 * (time.time() - t0)))
+    return history
+
+
+@torch.no_grad()
+def sft_val_loss(model, examples, device, batch_size=64):
+    model.eval()
+    losses = []
+    for i in range(0, len(examples), batch_size):
+        ids = data.pad_right([e[0] for e in examples[i:i + batch_size]], data.special(data.PAD)).to(device)
+        labels = data.pad_right([e[1] for e in examples[i:i + batch_size]], -1).to(device)
+        with autocast(device):
+            losses.append(model(ids, labels)[1].item())
+    return sum(losses) / len(losses)
+
+
+def sft(cfg):
+    device = pick_device(cfg.device)
+    base = ensure_stage("pretrain", cfg)
+    torch.manual_seed(cfg.seed)
+    demos = data.load_sft_jsonl(cfg.data) if cfg.data else data.sft_examples(cfg.n_demos, seed=cfg.seed)
+    model = load_model(base, device)
+    train = data.sft_tensors(demos, model.config.block_size)
+    val = data.sft_tensors(data.sft_examples(256, seed=99, split="eval"), model.config.block_size)
+    prompts = eval_prompts(cfg.eval_prompts)
+    before, before_texts = evaluate(model, prompts, cfg.max_new_tokens, device)
+    before["val_loss"] = sft_val_loss(model, val, device)
+    print(f"pretrained: {json.dumps(before)}\n  sample: {before_texts[0]!r}")
+    history = finetune(model, train, cfg.sft_steps, cfg, device)
+    after, texts = evaluate(model, prompts, cfg.max_new_tokens, device)
+    after["val_loss"] = sft_val_loss(model, val, device)
+    print(f"sft: {json.dumps(after)}")
+    for p, t in list(zip(prompts, texts))[:3]:
+        print(f"--- {p.split('### Instruction:')[-1].strip()!r}\n{t}")
+    out = os.path.join(cfg.out_dir, "sft")
+    save_checkpoint(os.path.join(out, "model.pt"), model, step=cfg.sft_steps)
+    metrics = {**after, "pretrained": before, "config": asdict(cfg), "history": history}
+    write_metrics(out, metrics)
+    return metrics
+
+
+def ensure_stage(stage, cfg):
+    """The checkpoint of an earlier stage, trained first (with default settings on cfg's preset) if missing."""
+    path = os.path.join(cfg.out_dir, stage, "model.pt")
+    if not os.path.exists(path):
+        print(f"== {path} is missing: running stage {stage!r} first")
+        stage_cfg = parse_config(Config, [f"--stage={stage}", f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}",
+                                          f"--device={cfg.device}"], PRESETS)
+        (pretrain if stage == "pretrain" else sft)(stage_cfg)
+    return path
+
+
+def main():
+    cfg = parse_config(Config, presets=PRESETS)
+    try:
+        if cfg.stage == "pretrain":
+            pretrain(cfg)
+        elif cfg.stage == "sft":
+            sft(cfg)
+        else:
+            raise SystemExit(f"error: --stage={cfg.stage!r}; valid: pretrain, sft")
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
