@@ -2,7 +2,7 @@
 The lab's world: a tokenizer, a generated story corpus, instructions, the gold "human", and the data formats.
 
 Nothing is downloaded. Every text comes from a small probabilistic grammar of children's stories, deterministic
-from a seed. A story has a protagonist (a name and an animal), a place, objects and a friend, a mood (happy or sad
+from a seed. A story has a protagonist (a name and an animal), a place, objects and an animal friend, a mood (happy or sad
 sentences), a length, sometimes repeated sentences, and it is finished ("The end.") or cut off. Instructions ask
 for a character, an animal and/or a place, so a response can follow them or not.
 
@@ -43,28 +43,28 @@ NEGATIVE = {"sad", "scared", "lonely", "tired", "angry", "dark", "cold", "terrib
 
 OPENINGS = ["Once upon a time, there was a {adj} {A} named {N}.", "{N} was a {adj} {A} who lived near the {P}.",
             "There once was a {A} called {N}.", "In a {adj} village lived a {A} named {N}."]
-EVENTS = ["One day, {N} went to the {P}.", "{N} found a {C} {O} near the {P}.", "{N} met a {FA} named {F}.",
-          "{N} and {F} walked to the {P} together.", "{N} wanted to play with the {O}.",
-          "The sun was high over the {P}.", "{F} showed {N} a {C} {O}.", "They looked for the {O} all morning.",
-          "{N} climbed a tree at the {P}.", "{F} the {FA} had a {C} {O}."]
+EVENTS = ["One day, {N} went to the {P}.", "{N} found a {C} {O} near the {P}.", "{N} met a {FA}.",
+          "{N} and the {FA} walked to the {P} together.", "{N} wanted to play with the {O}.",
+          "The sun was high over the {P}.", "The {FA} showed {N} a {C} {O}.", "They looked for the {O} all morning.",
+          "{N} climbed a tree at the {P}.", "The {FA} had a {C} {O}."]
 MOOD = {
-    "pos": ["{N} felt very {pa}.", "It was a {pd} day.", "{N} smiled at {F}.", "{F} was kind and gave {N} a {O}.",
-            "{N} and {F} laughed and played with the {O}.", "They became good friends.", "{N} hugged {F}.",
-            "The {P} was full of joy."],
+    "pos": ["{N} felt very {pa}.", "It was a {pd} day.", "{N} smiled at the {FA}.",
+            "The {FA} was kind and gave {N} a {O}.", "{N} and the {FA} laughed and played with the {O}.",
+            "They became good friends.", "{N} hugged the {FA}.", "The {P} was full of joy."],
     "neg": ["{N} felt very {na}.", "It was a {nd} day.", "{N} cried next to the {P}.", "The {O} was broken.",
-            "{F} was mean and took the {O}.", "{N} was lost and alone.", "{F} shouted at {N}.",
+            "The {FA} was mean and took the {O}.", "{N} was lost and alone.", "The {FA} shouted at {N}.",
             "The {P} was dark and cold."],
 }
 ENDINGS = {"pos": ["In the end, {N} was happy and went home.", "{N} smiled and went to sleep.",
-                   "From that day on, {N} and {F} were best friends."],
+                   "From that day on, {N} and the {FA} were best friends."],
            "neg": ["In the end, {N} was sad and went home.", "{N} cried and went to sleep.",
-                   "{N} never saw {F} again."]}
+                   "{N} never saw the {FA} again."]}
 FILL = {"pa": ["happy", "glad", "proud", "safe"], "pd": ["wonderful", "beautiful", "bright", "warm", "great"],
         "na": ["sad", "scared", "lonely", "tired", "angry"], "nd": ["gloomy", "terrible", "bad", "cold", "dark"]}
 THE_END = "The end."
 LEXICON = ({w.lower() for w in NAMES + ANIMALS + PLACES + OBJECTS + ADJS + COLORS} | POSITIVE | NEGATIVE |
            {w.lower() for s in OPENINGS + EVENTS + sum(MOOD.values(), []) + sum(ENDINGS.values(), []) + [THE_END]
-            for w in re.findall(r"[A-Za-z]+", s) if w not in ("N", "A", "P", "O", "F", "FA", "C", "adj")})
+            for w in re.findall(r"[A-Za-z]+", s) if w not in ("N", "A", "P", "O", "FA", "C", "adj")})
 
 
 def story(rng, name=None, animal=None, place=None, mood=None, n_middle=None, repeat=False, finished=True,
@@ -72,10 +72,8 @@ def story(rng, name=None, animal=None, place=None, mood=None, n_middle=None, rep
     """One story. mood: "pos", "neg" or "mixed"; n_middle: events + mood sentences between opening and ending;
     repeat: one sentence said several times; finished: ends with "The end." (else it is cut off mid-sentence)."""
     slots = dict(N=name or rng.choice(NAMES), A=animal or rng.choice(ANIMALS), P=place or rng.choice(PLACES),
-                 O=rng.choice(OBJECTS), F=rng.choice(NAMES), FA=rng.choice(ANIMALS), C=rng.choice(COLORS),
-                 adj=rng.choice(ADJS), **{k: rng.choice(v) for k, v in FILL.items()})
-    while slots["F"] == slots["N"]:
-        slots["F"] = rng.choice(NAMES)
+                 O=rng.choice(OBJECTS), FA=rng.choice(ANIMALS), C=rng.choice(COLORS), adj=rng.choice(ADJS),
+                 **{k: rng.choice(v) for k, v in FILL.items()})
     mood = mood or rng.choice(["pos", "neg", "mixed"])
     n_middle = rng.randint(2, 6) if n_middle is None else n_middle
     sentences = [rng.choice(OPENINGS)] if opening else []
@@ -194,7 +192,7 @@ def gold_reward(prompt, response):
 # classes so Python's re and tiktoken split alike; other characters fall to the punctuation class as bytes)
 PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
 EOT, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
-VOCAB_SIZE = 1024  # 256 bytes + merges + 3 special tokens; also the model's embedding size
+VOCAB_SIZE = 1024  # at most 256 bytes + merges + 3 specials; on our corpus BPE runs out of pairs at 741
 TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "tokenizer", "lab.bpe")
 
 
@@ -273,11 +271,10 @@ def special(name):
 
 # ----------------------------------------------------------------------------- batches
 
-def lm_batch(docs, block_size, batch_size, rng):
-    """Causal-LM batch from a list of token-id lists: contiguous windows of the EOT-joined stream.
+def lm_batch(stream, block_size, batch_size, rng):
+    """Causal-LM batch of random windows of a 1-d token stream (the EOT-joined documents).
     x (B, T) and y (B, T) = x shifted left by one."""
-    stream = docs  # a flat 1-d tensor of token ids
-    ix = torch.randint(len(stream) - block_size - 1, (batch_size,), generator=rng)
+    ix = torch.randint(len(stream) - block_size, (batch_size,), generator=rng)
     x = torch.stack([stream[i:i + block_size] for i in ix])  # (B, T)
     y = torch.stack([stream[i + 1:i + 1 + block_size] for i in ix])  # (B, T)
     return x, y
@@ -330,8 +327,12 @@ def load_jsonl(path, keys):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             try:

@@ -153,20 +153,23 @@ class GPT(nn.Module):
     def trunk(self, idx, attention_mask=None, cache=None):
         """Final hidden states (B, T, C). attention_mask (B, T): 1 on real tokens, 0 on (left) padding."""
         B, T = idx.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-        attention_mask = attention_mask.bool()
-        if cache is None:
+        if attention_mask is None and cache is None:  # full rows: positions 0..T-1 and SDPA's is_causal kernel
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            pos, allowed = torch.arange(T, device=idx.device), None
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            attention_mask = attention_mask.bool()
             pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T) position = real tokens before
             key_mask = attention_mask
-        else:
-            pos = cache.next_position[:, None] + (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-            cache.key_mask[:, cache.pos:cache.pos + T] = attention_mask
-            key_mask = cache.key_mask[:, :cache.pos + T]
-        if pos.max() >= self.config.block_size:
-            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.config.block_size}")
-        plain = cache is None and bool(attention_mask.all())  # no padding, no cache: SDPA's is_causal path
-        allowed = None if plain else attention_allowed(key_mask, T, self.config.causal)
+            if cache is not None:
+                pos = pos + cache.next_position[:, None]
+                cache.key_mask[:, cache.pos:cache.pos + T] = attention_mask
+                key_mask = cache.key_mask[:, :cache.pos + T]
+            if pos.max() >= self.config.block_size:
+                raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.config.block_size}")
+            allowed = attention_allowed(key_mask, T, self.config.causal)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, allowed, cache, layer)

@@ -12,6 +12,7 @@ evaluation against the gold human (mean gold reward, KL to a reference, win rate
 Run:  python sft.py --stage=pretrain [--objective=mlm] [--corpus=my.txt]
       python sft.py [--data=my_demos.jsonl]        (builds out/pretrain first if it is missing)
 """
+import dataclasses
 import json
 import math
 import os
@@ -194,8 +195,8 @@ def pretrain(cfg):
     stream = torch.tensor([t for d in docs for t in data.encode(d) + [eot]])  # the corpus as one token stream
     n_val = max(len(stream) // 20, cfg.block_size + 2)
     train_stream, val_stream = stream[:-n_val], stream[-n_val:]
-    vocab = math.ceil(data.tokenizer().n_vocab / 64) * 64
-    model = GPT(GPTConfig(vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout,
+    # the exact vocabulary: padding it to a multiple of 64 would leave ids no token decodes to, yet sampling can draw
+    model = GPT(GPTConfig(data.tokenizer().n_vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout,
                           causal=not mlm)).to(device)
     print(f"pretraining ({cfg.objective}) {model.num_params() / 1e6:.2f}M parameters on {len(train_stream)} tokens")
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
@@ -294,12 +295,16 @@ def sft(cfg):
 
 
 def ensure_stage(stage, cfg):
-    """The checkpoint of an earlier stage, trained first (with default settings on cfg's preset) if missing."""
+    """The checkpoint of an earlier stage, trained first if missing: with cfg's settings when cfg is this script's
+    Config, else with the defaults of cfg's preset."""
     path = os.path.join(cfg.out_dir, stage, "model.pt")
     if not os.path.exists(path):
         print(f"== {path} is missing: running stage {stage!r} first")
-        stage_cfg = parse_config(Config, [f"--stage={stage}", f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}",
-                                          f"--device={cfg.device}"], PRESETS)
+        if isinstance(cfg, Config):  # called from this script: keep its settings
+            stage_cfg = dataclasses.replace(cfg, stage=stage)
+        else:
+            stage_cfg = parse_config(Config, [f"--stage={stage}", f"--preset={cfg.preset}",
+                                              f"--out_dir={cfg.out_dir}", f"--device={cfg.device}"], PRESETS)
         (pretrain if stage == "pretrain" else sft)(stage_cfg)
     return path
 

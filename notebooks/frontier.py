@@ -1,0 +1,276 @@
+"""
+The reward-KL frontier: PPO vs DPO vs best-of-N, scored by the gold human (the DPO paper's Figure 2, Rafailov et
+al. 2023), and the over-optimisation curve of a lightly regularised PPO run (Gao et al. 2022, Figure 1).
+
+Every method buys gold reward with distance from the SFT model; the frontier plots what each one gets per nat:
+
+  SFT           the starting point: KL 0, win rate 0.5 against itself
+  best-of-N     N = 1, 2, 4, ... from reward.py's curve; KL(pi_bon || pi_sft) = log N - (N - 1) / N (analytic)
+  rejection     reward.py --stage=rejection (best-of-N samples as SFT data), when out/rejection exists
+  PPO           one run per beta (kl_coef) in r_t = -beta * kl_t + score * [t = last]
+  DPO           one run per beta in r_hat(x, y) = beta * log pi(y|x) / pi_ref(y|x)
+
+Each PPO/DPO run starts from fresh copies of the shared SFT model and reward model, loaded from out_dir (built
+there once if missing), and writes only its own folder, out/frontier/<method>_beta<b>/<stage>/. A run whose
+metrics.json was written with the same config is reused, so an interrupted sweep picks up where it stopped (delete
+out/frontier after retraining an earlier stage).
+
+Departures from a like-for-like comparison, which the reader should keep in mind:
+  - PPO, DPO, rejection and SFT are scored on the same eval_prompts held-out prompts, their KL estimated on their
+    own samples (sum_t log pi - log pi_sft); best-of-N comes from reward.py's curve on its first bon_prompts of
+    those prompts, with the analytic KL (an upper bound; Beirami et al. 2024), and has no win rate.
+  - The over-optimisation curve uses the rollouts of training prompts (ppo.py's per-step history), not the
+    held-out prompts; its KL is the rollout estimate, so early points can sit slightly below zero.
+
+Run:  python notebooks/frontier.py [--preset=cpu] [--ppo_betas=0.03,0.3] [--dpo_betas=0.1] [--steps=20]
+      writes out/frontier/results.json, table.md, frontier.svg and overoptimization.svg
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from xml.sax.saxutils import escape
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import dpo  # noqa: E402
+import ppo  # noqa: E402
+import reward  # noqa: E402
+import sft  # noqa: E402
+from model import load_model, parse_config, pick_device  # noqa: E402
+
+
+@dataclass
+class Config:
+    out_dir: str = "out"
+    """where the earlier stages are read (and built if missing) and out/frontier is written"""
+    preset: str = "auto"
+    """cpu, gpu, or auto: the preset of every stage's Config"""
+    device: str = "auto"
+    """cpu, cuda, or auto"""
+    ppo_betas: str = "0.01,0.03,0.1,0.3"
+    """PPO's KL coefficients beta, comma-separated: one run each"""
+    dpo_betas: str = "0.03,0.1,0.3,1.0"
+    """DPO's beta, comma-separated: one run each"""
+    bon: bool = True
+    """add best-of-N from out/reward/metrics.json (reward.best_of_n_curve, N = 1, 2, 4, ..., bon_max_n)"""
+    overopt_kl_coef: float = 0.0
+    """beta of the over-optimisation run: 0 lets the policy drift as far as the reward model pulls it"""
+    overopt_steps: int = 120
+    """PPO steps of the over-optimisation run; 0 skips it"""
+    steps: int = 0
+    """steps of every PPO and DPO sweep run; 0 keeps each stage's preset"""
+
+
+PRESETS = {"cpu": {}, "gpu": {}}  # the sweep's own fields are the same on both; the preset sizes each stage's runs
+
+
+# ----------------------------------------------------------------------------- plots and tables, pure functions
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2"]
+SHAPES = ["circle", "square", "diamond", "triangle"]
+
+
+def ticks(lo, hi, n=5):
+    """About n round tick values (1, 2 or 5 times a power of ten apart) from at or below lo to at or above hi."""
+    raw = (hi - lo) / n or abs(lo) / n or 1.0  # a flat range still gets a few ticks
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first, last = math.floor(lo / step), math.ceil(hi / step)
+    return [round(k * step, 10) for k in range(first, max(last, first + 1) + 1)]
+
+
+def marker(shape, x, y, colour, r=4):
+    if shape == "circle":
+        return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{colour}"/>'
+    if shape == "square":
+        return f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{colour}"/>'
+    corners = {"diamond": [(0, -1.3), (1.3, 0), (0, 1.3), (-1.3, 0)], "triangle": [(0, -1.3), (1.2, 1), (-1.2, 1)]}
+    points = " ".join(f"{x + dx * r:.1f},{y + dy * r:.1f}" for dx, dy in corners[shape])
+    return f'<polygon points="{points}" fill="{colour}"/>'
+
+
+def svg_plot(series, xlabel, ylabel, title, markers=True, width=700, height=420):
+    """A line plot as an SVG string. series: a list of (label, xs, ys); each becomes one polyline through its
+    points in the order given, with a marker at every point (if markers), in its own colour and marker shape,
+    named in the legend on the right."""
+    left, right, top, bottom = 64, 185, 36, 50  # margins: axis labels on the left and bottom, legend on the right
+    xt = ticks(min(x for _, xs, _ in series for x in xs), max(x for _, xs, _ in series for x in xs))
+    yt = ticks(min(y for _, _, ys in series for y in ys), max(y for _, _, ys in series for y in ys))
+    x0, x1, y0, y1 = left, width - right, height - bottom, top  # the plot area in pixels (y grows downwards)
+    px = lambda x: x0 + (x - xt[0]) / (xt[-1] - xt[0]) * (x1 - x0)
+    py = lambda y: y0 + (y - yt[0]) / (yt[-1] - yt[0]) * (y1 - y0)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{(x0 + x1) / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>']
+    for x in xt:  # vertical grid lines and x tick labels
+        out.append(f'<line x1="{px(x):.1f}" y1="{y0}" x2="{px(x):.1f}" y2="{y1}" stroke="#ddd"/>')
+        out.append(f'<text x="{px(x):.1f}" y="{y0 + 16}" text-anchor="middle">{x:g}</text>')
+    for y in yt:  # horizontal grid lines and y tick labels
+        out.append(f'<line x1="{x0}" y1="{py(y):.1f}" x2="{x1}" y2="{py(y):.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{x0 - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    out.append(f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="none" stroke="black"/>')
+    out.append(f'<text x="{(x0 + x1) / 2}" y="{height - 10}" text-anchor="middle">{escape(xlabel)}</text>')
+    out.append(f'<text transform="translate(16 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle">'
+               f'{escape(ylabel)}</text>')
+    for i, (label, xs, ys) in enumerate(series):
+        colour, shape = COLORS[i % len(COLORS)], SHAPES[i % len(SHAPES)]
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        if markers:
+            out += [marker(shape, px(x), py(y), colour) for x, y in zip(xs, ys)]
+        ly = y1 + 10 + 20 * i  # legend row
+        out.append(f'<line x1="{x1 + 12}" y1="{ly}" x2="{x1 + 36}" y2="{ly}" stroke="{colour}" stroke-width="1.5"/>')
+        if markers:
+            out.append(marker(shape, x1 + 24, ly, colour))
+        out.append(f'<text x="{x1 + 42}" y="{ly + 4}">{escape(label)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def frontier_series(rows):
+    """One (method, kls, golds) per method, in order of first appearance, its points sorted by KL."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    points = {m: sorted((r["kl"], r["gold_reward"]) for r in rows if r["method"] == m) for m in methods}
+    return [(m, [k for k, _ in points[m]], [g for _, g in points[m]]) for m in methods]
+
+
+def running_mean(values, k=5):
+    """Mean of the last k values at each step: a rollout batch's mean reward and KL are noisy step to step."""
+    windows = [values[max(0, i - k + 1):i + 1] for i in range(len(values))]
+    return [sum(w) / len(w) for w in windows]
+
+
+def markdown_table(rows):
+    """The results as a markdown table; a missing win rate (best-of-N) is shown as '-'."""
+    lines = ["| method | setting | KL | gold reward | win rate vs SFT |", "| --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        win = "-" if r.get("win_rate_vs_sft") is None else f"{r['win_rate_vs_sft']:.3f}"
+        lines.append(f"| {r['method']} | {r['setting']} | {r['kl']:.3f} | {r['gold_reward']:+.3f} | {win} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def floats(text):
+    return [float(b) for b in text.split(",") if b.strip()]
+
+
+def row(method, setting, metrics, seconds=0.0):
+    return dict(method=method, setting=setting, kl=metrics["kl"], gold_reward=metrics["gold_reward"],
+                win_rate_vs_sft=metrics.get("win_rate_vs_sft"), seconds=round(seconds, 1))
+
+
+def timed_run(run_cfg, stage, train_fn):
+    """(metrics, seconds) of train_fn(), or of the run already saved in run_cfg.out_dir/stage with this config."""
+    path = os.path.join(run_cfg.out_dir, stage, "metrics.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("config") == json.loads(json.dumps(asdict(run_cfg))):
+            print(f"== {path}: done before with this config, reused")
+            return saved, 0.0
+    print(f"== {run_cfg.out_dir}: training {stage}")
+    t0 = time.time()
+    metrics = train_fn()
+    seconds = time.time() - t0
+    print(f"== {run_cfg.out_dir}: {seconds:.0f}s")
+    return metrics, seconds
+
+
+def train(cfg, ppo_cfg=None, dpo_cfg=None):
+    """The whole sweep. ppo_cfg and dpo_cfg are the base configs of the runs (default: each stage's preset, with
+    cfg.steps); every run changes only beta, and out_dir to its own folder. Returns the results dict."""
+    start, device = time.time(), pick_device(cfg.device)
+    argv = [f"--preset={cfg.preset}", f"--device={cfg.device}"] + ([f"--steps={cfg.steps}"] if cfg.steps else [])
+    ppo_cfg = ppo_cfg or parse_config(ppo.Config, argv, ppo.PRESETS)
+    dpo_cfg = dpo_cfg or parse_config(dpo.Config, argv, dpo.PRESETS)
+    # 1. the shared earlier stages, built if missing: pretrain -> SFT -> reward model and its preference pairs
+    rm_path = reward.ensure_reward(cfg)
+    sft_path, pairs_path = sft.ensure_stage("sft", cfg), reward.ensure_pairs(cfg)
+    folder = os.path.join(cfg.out_dir, "frontier")
+
+    def run_ppo(name, **overrides):
+        run_cfg = replace(ppo_cfg, out_dir=os.path.join(folder, name), **overrides)
+
+        def fit():  # policy and pi_ref start as the SFT model, the critic as the RM (as ppo.train loads them)
+            rm = load_model(rm_path, device).requires_grad_(False).eval()
+            return ppo.train(run_cfg, policy=load_model(sft_path, device), ref=load_model(sft_path, device),
+                             critic=load_model(rm_path, device), reward_fn=ppo.rm_reward_fn(rm))
+        return timed_run(run_cfg, "ppo", fit)
+
+    def run_dpo(name, **overrides):
+        run_cfg = replace(dpo_cfg, out_dir=os.path.join(folder, name), data=pairs_path, **overrides)
+        return timed_run(run_cfg, "dpo", lambda: dpo.train(run_cfg, policy=load_model(sft_path, device),
+                                                           ref=load_model(sft_path, device)))
+
+    # 2. the SFT model itself, sampled and scored exactly as ppo.train scores its reference
+    t0 = time.time()
+    sft_eval, _ = sft.evaluate(load_model(sft_path, device), sft.eval_prompts(ppo_cfg.eval_prompts),
+                               ppo_cfg.max_new_tokens, device, seed=ppo_cfg.seed)
+    rows = [row("SFT", "-", {**sft_eval, "kl": 0.0, "win_rate_vs_sft": 0.5}, time.time() - t0)]
+    # 3. best-of-N and rejection sampling, from reward.py's own metrics
+    with open(os.path.join(os.path.dirname(rm_path), "metrics.json")) as f:
+        rm_metrics = json.load(f)
+    if cfg.bon:
+        rows += [row("best-of-N", f"N={p['n']}", p) for p in rm_metrics.get("best_of_n", [])]
+    rejection_path = os.path.join(cfg.out_dir, "rejection", "metrics.json")
+    if os.path.exists(rejection_path):
+        with open(rejection_path) as f:
+            rejection = json.load(f)
+        rows.append(row("rejection sampling", f"best-of-{rejection['config']['rs_n']}", rejection))
+    # 4. PPO and DPO, one run per beta, each from fresh copies of the SFT model (and, for PPO, the reward model)
+    for beta in floats(cfg.ppo_betas):
+        metrics, seconds = run_ppo(f"ppo_beta{beta:g}", kl_coef=beta)
+        rows.append(row("PPO", f"beta={beta:g}", metrics, seconds))
+    for beta in floats(cfg.dpo_betas):
+        metrics, seconds = run_dpo(f"dpo_beta{beta:g}", beta=beta)
+        rows.append(row("DPO", f"beta={beta:g}", metrics, seconds))
+    results = {"rows": rows}
+    # 5. over-optimisation: a long PPO run with little or no KL penalty; RM score and gold of its rollouts per step
+    if cfg.overopt_steps:
+        metrics, seconds = run_ppo("ppo_overopt", kl_coef=cfg.overopt_kl_coef, steps=cfg.overopt_steps)
+        setting = f"beta={cfg.overopt_kl_coef:g}, {cfg.overopt_steps} steps"
+        results["overoptimization"] = {**row("PPO", setting, metrics, seconds),
+                                       "history": [{k: h[k] for k in ("step", "kl", "score", "gold")}
+                                                   for h in metrics["history"]]}
+    results["seconds"] = round(time.time() - start, 1)  # everything, building the earlier stages included
+    write_outputs(folder, results)
+    return results
+
+
+def write_outputs(folder, results):
+    """results.json, table.md, frontier.svg and (with an over-optimisation run) overoptimization.svg."""
+    os.makedirs(folder, exist_ok=True)
+    files = {"results.json": json.dumps(results, indent=1), "table.md": markdown_table(results["rows"]),
+             "frontier.svg": svg_plot(frontier_series(results["rows"]), "KL(pi || pi_sft) (nats)",
+                                      "gold reward (held-out prompts)", "Reward-KL frontier on the gold human")}
+    if "overoptimization" in results:
+        history = results["overoptimization"]["history"]
+        kls, scores, golds = (running_mean([h[k] for h in history]) for k in ("kl", "score", "gold"))
+        files["overoptimization.svg"] = svg_plot(
+            [("RM score (proxy)", kls, scores), ("gold reward", kls, golds)],
+            "KL(pi || pi_sft) of the rollouts (nats)", "mean reward of the rollouts (5-step running mean)",
+            f"Over-optimisation: PPO, {results['overoptimization']['setting']}", markers=False)
+    for name, text in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    print(f"wrote {', '.join(files)} to {folder}")
+
+
+def main():
+    cfg = parse_config(Config, presets=PRESETS)
+    try:
+        results = train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    for r in results["rows"] + ([results["overoptimization"]] if "overoptimization" in results else []):
+        print(f"{r['method']:>18} {r['setting']:<22} {r['seconds']:7.0f}s")
+    print(f"{'total':>18} {'':<22} {results['seconds']:7.0f}s\n\n{markdown_table(results['rows'])}")
+
+
+if __name__ == "__main__":
+    main()

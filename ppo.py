@@ -1,0 +1,357 @@
+"""
+Stage 3b: RLHF with PPO against the reward model (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022).
+
+Each step samples responses to training prompts from the policy pi, scores them with the reward model, and takes
+a few epochs of clipped policy-gradient steps (Schulman et al. 2017) on them:
+
+  per-token reward   r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) + score * [t = last real token]
+  GAE                delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma * lam * A_{t+1}
+  policy loss        L_pg = E_t[ max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)) ]
+  value loss         L_vf = E_t[ 0.5 * max((V - R_t)^2, (V_clipped - R_t)^2) ],   R_t = A_t + V_old(s_t)
+  adaptive beta      beta <- beta * (1 + clip((KL - KL_target) / KL_target, -0.2, 0.2) * n / horizon)
+
+Symbols and shapes: B rollouts per step, P prompt length (left-padded), R response length (right-padded after
+EOS), s_t the prompt plus the first t response tokens, a_t the t-th response token, pi_ref the frozen SFT model.
+
+Choices, and where they come from:
+  - The KL penalty uses the k1 estimator, kl_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t), on the policy's own
+    samples: its expectation is the true KL, and summed over a response it is exactly the log-ratio of the two
+    sequence probabilities, so sum_t kl_t is an unbiased estimate of KL(pi || pi_ref) per sequence and the
+    penalty is a per-token reward the critic can learn. A single kl_t can be negative; the k3 estimator
+    (ratio - 1) - log ratio with ratio = pi_ref/pi is always >= 0 and has lower variance, but is no longer a
+    per-token reward whose sum is the sequence log-ratio (Schulman, "Approximating KL divergence", 2020).
+  - The critic is a separate ScalarHeadModel initialised from the reward model (InstructGPT, section 3.5): a
+    separate network so that the value loss's gradients never disturb the policy's language model, and the
+    reward model's trunk already knows what a good response looks like, so V starts close to the final score.
+  - Advantages are whitened over the real tokens of the whole batch; rewards are not (the RM is already centred
+    on SFT samples by reward.py).
+  - A response that never emits EOS within max_new_tokens gets its score lowered by no_eos_penalty (the
+    lm-human-preference-details / TRL trick), so the policy cannot win by rambling past the end.
+  - Dropout stays off (eval mode throughout), so on the first minibatch the ratio is exactly 1.
+  - No entropy bonus and a constant learning rate, as in lm-human-preferences.
+
+Run:  python ppo.py                  (builds missing earlier stages, then out/ppo/model.pt and metrics.json)
+      python ppo.py --kl_coef=0.01 --adaptive_kl=true
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data
+import reward
+import sft
+from model import autocast, load_model, masked_mean, masked_whiten, parse_config, pick_device, save_checkpoint, \
+    token_logprobs
+
+
+@dataclass
+class Config:
+    out_dir: str = "out"
+    """where the earlier stages' checkpoints are read and out/ppo is written"""
+    preset: str = "auto"
+    """cpu, gpu, or auto (gpu when CUDA is available): sizes and step counts below"""
+    device: str = "auto"
+    """cpu, cuda, or auto"""
+    seed: int = 1337
+    steps: int = 40
+    """PPO iterations: one rollout batch and its optimisation epochs each"""
+    batch_size: int = 64
+    """B: rollouts (prompts, one response each) per step"""
+    n_epochs: int = 2
+    """optimisation passes over each rollout batch (K in Schulman et al. 2017)"""
+    n_minibatches: int = 2
+    """minibatches per epoch; each holds batch_size / n_minibatches rollouts"""
+    max_new_tokens: int = 128
+    """longest response; one without EOS by then is penalised"""
+    lr: float = 3e-5
+    """policy learning rate (constant)"""
+    critic_lr: float = 1e-4
+    """critic learning rate (constant)"""
+    max_grad_norm: float = 1.0
+    kl_coef: float = 0.05
+    """beta in r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) + score * [t = last]"""
+    adaptive_kl: bool = False
+    """adapt beta towards target_kl (Ziegler et al. 2019, section 2.2); False keeps beta fixed (InstructGPT)"""
+    target_kl: float = 6.0
+    """KL_target: the sequence KL the adaptive controller aims for (nats)"""
+    kl_horizon: int = 1000
+    """horizon H of the adaptive controller in rollouts (Ziegler et al. used 10000 over far longer runs)"""
+    gamma: float = 1.0
+    """gamma, discount per token"""
+    lam: float = 0.95
+    """lambda of GAE (Schulman et al. 2016)"""
+    cliprange: float = 0.2
+    """epsilon in clip(ratio, 1 - eps, 1 + eps)"""
+    cliprange_value: float = 0.2
+    """how far V may move from V_old before the value loss is clipped"""
+    no_eos_penalty: float = 1.0
+    """subtracted from the score of a response that never emits EOS"""
+    n_prompts: int = 4000
+    """pool of training prompts (data.tasks "train", disjoint from the held-out ones)"""
+    eval_prompts: int = 128
+    """held-out prompts for the gold-human evaluation"""
+    sample_every: int = 10
+    """print one rollout every this many steps"""
+
+
+PRESETS = {"cpu": {}, "gpu": dict(steps=200, batch_size=256, n_epochs=4, n_minibatches=4, n_prompts=10000,
+                                  eval_prompts=512, lr=1e-5, critic_lr=5e-5)}
+
+
+# ----------------------------------------------------------------------------- the math, as pure functions
+
+def per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Ziegler et al. 2019's reward: a KL penalty on every token plus the score on the last real token.
+    scores (B,); logprobs, ref_logprobs, mask (B, R). Returns (rewards, non_score_reward, kl), each (B, R),
+    zero on padding."""
+    mask = mask.to(logprobs.dtype)
+    # k1 estimator of the per-token KL: kl_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t)
+    kl = (logprobs - ref_logprobs) * mask  # (B, R)
+    # r_t = -beta * kl_t + score * [t = last real token]
+    non_score_reward = -kl_coef * kl  # (B, R)
+    last = mask.sum(1).long() - 1  # (B,) index of the last real token (the EOS, if there is one)
+    rewards = non_score_reward.clone()
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards, non_score_reward, kl
+
+
+def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+    rewards, values, mask (B, R); mask is 1 on each row's real tokens (a prefix). The episode ends after the last
+    real token: nothing is bootstrapped past it. Returns (advantages, returns), each (B, R), zero on padding."""
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask  # past the end: no reward, V = 0
+    advantages = torch.zeros_like(values)  # (B, R)
+    lastgaelam = torch.zeros_like(values[:, 0])  # (B,) A_{t+1}
+    R = values.size(1)
+    for t in reversed(range(R)):
+        next_values = values[:, t + 1] if t + 1 < R else torch.zeros_like(values[:, 0])  # (B,) 0 after the end
+        # delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        # A_t = delta_t + gamma * lam * A_{t+1}
+        lastgaelam = (delta + gamma * lam * lastgaelam) * mask[:, t]
+        advantages[:, t] = lastgaelam
+    # R_t = A_t + V(s_t): the value target
+    returns = advantages + values
+    return advantages, returns
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss, averaged over real tokens.
+    All inputs (B, R). Returns (pg_loss, approx_kl, clipfrac), scalars."""
+    # ratio_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t) = exp(log pi_theta - log pi_old)
+    logratio = logprobs - old_logprobs  # (B, R)
+    ratio = logratio.exp()
+    # L = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)): the pessimistic side of the two
+    pg_loss1 = -advantages * ratio  # (B, R)
+    pg_loss2 = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    with torch.no_grad():
+        # approx KL(pi_old || pi_theta) = E[(ratio - 1) - log ratio] (k3: always >= 0)
+        approx_kl = masked_mean((ratio - 1) - logratio, mask)
+        clipfrac = masked_mean((pg_loss2 > pg_loss1).float(), mask)
+    return pg_loss, approx_kl, clipfrac
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value):
+    """Clipped value loss: 0.5 * max((V - R)^2, (V_clipped - R)^2) averaged over real tokens.
+    All inputs (B, R). Returns (vf_loss, vf_clipfrac)."""
+    # V_clipped = V_old + clip(V - V_old, -eps_v, eps_v)
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)  # (B, R)
+    vf_loss1 = (values - returns) ** 2  # (B, R)
+    vf_loss2 = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_loss1, vf_loss2), mask)
+    vf_clipfrac = masked_mean((vf_loss2 > vf_loss1).float(), mask).detach()
+    return vf_loss, vf_clipfrac
+
+
+def update_kl_coef(kl_coef, kl, target, n_steps, horizon):
+    """Ziegler et al. 2019's adaptive controller: raise beta when the KL is above target, lower it when below.
+    kl: the measured mean sequence KL; n_steps: rollouts since the last update."""
+    # e = clip((KL - KL_target) / KL_target, -0.2, 0.2);  beta <- beta * (1 + e * n / H)
+    proportional_error = min(max((kl - target) / target, -0.2), 0.2)
+    return kl_coef * (1 + proportional_error * n_steps / horizon)
+
+
+def entropy_from_logits(logits):
+    """H(pi(.|s_t)) = logsumexp(z) - sum_v softmax(z)_v z_v: logits (B, R, V) -> (B, R)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over real tokens: 1 is a perfect critic, 0 no better than a constant."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_diff = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return float(1 - var_diff / var_returns.clamp(min=1e-8))
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+def response_logits(model, ids, attention_mask, P):
+    """The logits that predict each response token: position P-1+t predicts ids[:, P+t]. -> (B, R, V)."""
+    logits, _ = model(ids, attention_mask=attention_mask)  # (B, P+R, V)
+    return logits[:, P - 1:-1]
+
+
+@torch.no_grad()
+def rollout(policy, ref, critic, reward_fn, prompt_ids, max_new_tokens, kl_coef, no_eos_penalty, device):
+    """Sample one response per prompt and compute everything PPO needs from it.
+    prompt_ids: list of 1-d token tensors. Returns a dict of tensors; (B, ...) rows, R response columns."""
+    eot = data.special(data.EOT)
+    # 1. sample responses from the policy (left-padded prompts, KV cache; rows stop at EOS, padded with EOS)
+    query, query_mask = data.pad_left(prompt_ids, eot)  # (B, P)
+    query, query_mask = query.to(device), query_mask.to(device)
+    P = query.size(1)
+    with autocast(device):
+        ids = policy.generate(query, max_new_tokens, eos_token_id=eot, attention_mask=query_mask)  # (B, P+R)
+    response = ids[:, P:]  # (B, R)
+    is_eos = response == eot
+    mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # (B, R) real tokens: up to and including the 1st EOS
+    ended = is_eos.any(1)  # (B,)
+    attention_mask = torch.cat([query_mask, mask], 1)  # (B, P+R)
+    # 2. log pi, log pi_ref of the sampled tokens and V(s_t) before each one
+    with autocast(device):
+        logprobs = token_logprobs(response_logits(policy, ids, attention_mask, P), response)  # (B, R)
+        ref_logprobs = token_logprobs(response_logits(ref, ids, attention_mask, P), response)  # (B, R)
+        values = critic(ids, attention_mask)[:, P - 1:-1].float()  # (B, R)
+        # 3. score the whole response with the reward function (the reward model by default)
+        raw_scores = reward_fn(ids, attention_mask, P).float()  # (B,)
+    # 4. penalise responses that never emit EOS
+    scores = raw_scores - no_eos_penalty * (~ended).float()  # (B,)
+    # 5. per-token rewards r_t = -beta * kl_t + score * [t = last]
+    rewards, non_score_reward, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+    return dict(ids=ids, attention_mask=attention_mask, P=P, response=response, mask=mask, ended=ended,
+                logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, raw_scores=raw_scores,
+                scores=scores, rewards=rewards, non_score_reward=non_score_reward, kl=kl)
+
+
+def response_texts(batch):
+    """The sampled responses as text, without their EOS."""
+    return [data.decode(r[:int(m.sum()) - int(e)].tolist())
+            for r, m, e in zip(batch["response"].cpu(), batch["mask"].cpu(), batch["ended"].cpu())]
+
+
+def rm_reward_fn(rm):
+    """The reward model as a reward_fn(ids, attention_mask, P) -> (B,): its scalar at the last real token."""
+    return lambda ids, attention_mask, P: reward.rm_scores(rm, ids, attention_mask)
+
+
+# ----------------------------------------------------------------------------- PPO
+
+def ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen):
+    """n_epochs passes of minibatch updates on one rollout batch. Returns the mean of each logged statistic."""
+    device = batch["ids"].device
+    mask = batch["mask"]
+    # 6. advantages and returns by GAE, then whiten the advantages over real tokens
+    advantages, returns = compute_gae(batch["rewards"], batch["values"], mask, cfg.gamma, cfg.lam)  # (B, R)
+    advantages = masked_whiten(advantages, mask)
+    B, P = mask.size(0), batch["P"]
+    mb_size = B // cfg.n_minibatches
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy")}
+    for epoch in range(cfg.n_epochs):
+        perm = torch.randperm(B, generator=gen).to(device)
+        for start in range(0, mb_size * cfg.n_minibatches, mb_size):
+            mb_inds = perm[start:start + mb_size]
+            mb_ids, mb_attn, mb_mask = batch["ids"][mb_inds], batch["attention_mask"][mb_inds], mask[mb_inds]
+            # 7. policy: clipped surrogate on the new log pi(a_t|s_t)
+            with autocast(device):
+                logits = response_logits(policy, mb_ids, mb_attn, P)  # (mb, R, V)
+            new_logprobs = token_logprobs(logits, batch["response"][mb_inds])  # (mb, R)
+            pg_loss, approx_kl, clipfrac = policy_loss(new_logprobs, batch["logprobs"][mb_inds],
+                                                       advantages[mb_inds], mb_mask, cfg.cliprange)
+            sft.optimizer_step(policy, policy_opt, pg_loss, cfg.lr, cfg.max_grad_norm)
+            # 8. critic: clipped regression of V(s_t) on the returns
+            with autocast(device):
+                new_values = critic(mb_ids, mb_attn)[:, P - 1:-1].float()  # (mb, R)
+            vf_loss, vf_clipfrac = value_loss(new_values, batch["values"][mb_inds], returns[mb_inds], mb_mask,
+                                              cfg.cliprange_value)
+            sft.optimizer_step(critic, critic_opt, vf_loss, cfg.critic_lr, cfg.max_grad_norm)
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits), mb_mask)
+            for k, v in dict(pg_loss=pg_loss, vf_loss=vf_loss, approx_kl=approx_kl, clipfrac=clipfrac,
+                             vf_clipfrac=vf_clipfrac, entropy=entropy).items():
+                stats[k].append(v.item())
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out["explained_var"] = explained_variance(batch["values"], returns, mask)
+    return out
+
+
+def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
+    """PPO from the SFT model against the reward model. Any of the four can be passed in instead (tests pass a
+    tiny GPT and a toy reward_fn(ids, attention_mask, P) -> (B,)); missing ones are loaded from out_dir, building
+    the earlier stages first if needed. Returns the final metrics."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if None in (policy, ref, critic, reward_fn):
+        rm_path = reward.ensure_reward(cfg)  # also builds out/sft
+        sft_path = sft.ensure_stage("sft", cfg)
+        policy = load_model(sft_path, device) if policy is None else policy
+        ref = load_model(sft_path, device) if ref is None else ref
+        critic = load_model(rm_path, device) if critic is None else critic  # the critic starts as the RM
+        if reward_fn is None:
+            rm = load_model(rm_path, device).requires_grad_(False).eval()
+            reward_fn = rm_reward_fn(rm)
+    policy, critic = policy.to(device).eval(), critic.to(device).eval()
+    ref = ref.to(device).requires_grad_(False).eval()
+    policy_opt = sft.make_optimizer(policy, cfg.lr, 0.0, device)
+    critic_opt = sft.make_optimizer(critic, cfg.critic_lr, 0.0, device)
+    if cfg.batch_size % cfg.n_minibatches:
+        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of n_minibatches {cfg.n_minibatches}")
+
+    prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", cfg.n_prompts, seed=cfg.seed)]
+    prompt_ids = [torch.tensor(data.encode(p)) for p in prompts]
+    eval_prompts = sft.eval_prompts(cfg.eval_prompts)
+    sft_eval, sft_texts = sft.evaluate(ref, eval_prompts, cfg.max_new_tokens, device, seed=cfg.seed)
+    print(f"sft: {json.dumps(sft_eval)}")
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    kl_coef, history = cfg.kl_coef, []
+    for step in range(cfg.steps):
+        t0 = time.time()
+        pick = torch.randint(len(prompts), (cfg.batch_size,), generator=gen).tolist()
+        batch = rollout(policy, ref, critic, reward_fn, [prompt_ids[i] for i in pick], cfg.max_new_tokens,
+                        kl_coef, cfg.no_eos_penalty, device)
+        stats = ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen)
+        texts = response_texts(batch)
+        gold = sum(data.gold_reward(prompts[i], t) for i, t in zip(pick, texts)) / len(texts)
+        kl = float(batch["kl"].sum(1).mean())  # mean sequence KL(pi || pi_ref), k1 summed over each response
+        row = dict(step=step, score=float(batch["raw_scores"].mean()), gold=gold, kl=kl, kl_coef=kl_coef,
+                   non_score_reward=float(batch["non_score_reward"].sum(1).mean()),
+                   eos_rate=float(batch["ended"].float().mean()), length=float(batch["mask"].sum(1).float().mean()),
+                   **stats, ms=int(1000 * (time.time() - t0)))
+        history.append(row)
+        sft.log(step, **{k: v for k, v in row.items() if k not in ("step", "non_score_reward", "vf_clipfrac")})
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            print(f"  sample: {texts[0]!r}")
+        if cfg.adaptive_kl:
+            kl_coef = update_kl_coef(kl_coef, kl, cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
+
+    ppo_eval, texts = sft.evaluate(policy, eval_prompts, cfg.max_new_tokens, device, ref=ref, seed=cfg.seed)
+    metrics = {"gold_reward": ppo_eval["gold_reward"], "gold_reward_sft": sft_eval["gold_reward"],
+               "kl": ppo_eval["kl"], "win_rate_vs_sft": sft.win_rate(eval_prompts, texts, sft_texts),
+               "ppo": ppo_eval, "sft": sft_eval}
+    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    for p, a, b in list(zip(eval_prompts, sft_texts, texts))[:3]:
+        print(f"--- {p.split('### Instruction:')[-1].split('###')[0].strip()!r}\n  sft: {a}\n  ppo: {b}")
+    out = os.path.join(cfg.out_dir, "ppo")
+    save_checkpoint(os.path.join(out, "model.pt"), policy, step=cfg.steps)
+    sft.write_metrics(out, {**metrics, "config": asdict(cfg), "history": history})
+    return {**metrics, "history": history}
+
+
+def main():
+    cfg = parse_config(Config, presets=PRESETS)
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

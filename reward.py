@@ -1,0 +1,304 @@
+"""
+Stage 3a: preference data, the reward model, best-of-N, and rejection-sampling fine-tuning.
+
+  labeller     P(a > b) = sigmoid((g(a) - g(b)) / tau)       g = data.gold_reward: noisy, like human labellers
+  reward model L = -log sigmoid(r(x, y_w) - r(x, y_l))       Bradley-Terry (Ouyang et al. 2022, eq. 1)
+  best-of-N    y* = argmax_{y_1..y_N ~ pi_sft} r(x, y),   KL(pi_bon || pi_sft) = log N - (N - 1) / N
+  rejection    fine-tune pi_sft on best-of-N samples of training prompts (Touvron et al. 2023, LLaMA-2 3.2.3)
+
+The reward model is the SFT model with a scalar head (InstructGPT: the RM starts from the SFT model), read at the
+last real token of prompt + response. The pairs are two SFT samples per training prompt, labelled by the simulated
+labeller; they are stored as JSONL {"prompt", "chosen", "rejected"}, and dpo.py trains on the same file. After
+training, the head's bias is shifted so SFT samples score 0 on average (InstructGPT normalises the RM the same way).
+
+Run:  python reward.py                       (builds missing earlier stages; out/reward/)
+      python reward.py --stage=rejection     (best-of-N samples become SFT data; out/rejection/)
+      python reward.py --data=my_pairs.jsonl (your own preference pairs)
+"""
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data
+import sft
+from model import ScalarHeadModel, autocast, load_model, parse_config, pick_device, save_checkpoint
+
+
+@dataclass
+class Config:
+    stage: str = "reward"
+    """reward: label pairs and train the reward model; rejection: rejection-sampling fine-tuning"""
+    data: str = ""
+    """a JSONL file of {"prompt", "chosen", "rejected"} pairs; empty: sample and label them here"""
+    out_dir: str = "out"
+    preset: str = "auto"
+    """cpu, gpu, or auto (gpu when CUDA is available)"""
+    device: str = "auto"
+    seed: int = 1337
+    n_pairs: int = 2000
+    """training prompts, one labelled pair of SFT samples each"""
+    n_eval_pairs: int = 256
+    """held-out pairs, on evaluation prompts"""
+    tau: float = 0.5
+    """labeller temperature in P(a > b) = sigmoid((g(a) - g(b)) / tau); smaller is less noisy"""
+    steps: int = 150
+    batch_size: int = 32
+    """pairs per step"""
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    max_new_tokens: int = 128
+    eval_prompts: int = 128
+    """held-out prompts for the RM-gold correlation and the evaluations"""
+    bon_prompts: int = 64
+    """held-out prompts for the best-of-N curve"""
+    bon_max_n: int = 64
+    """best-of-N for N = 1, 2, 4, ..., bon_max_n"""
+    rs_prompts: int = 512
+    """rejection sampling: training prompts, each answered by best-of-rs_n"""
+    rs_n: int = 8
+    rs_steps: int = 100
+    """rejection sampling: fine-tuning steps on the best-of-N samples"""
+
+
+PRESETS = {"cpu": {}, "gpu": dict(n_pairs=10000, n_eval_pairs=1024, steps=600, batch_size=64, eval_prompts=512,
+                                  bon_prompts=256, bon_max_n=256, rs_prompts=4096, rs_n=16, rs_steps=400)}
+
+
+# ----------------------------------------------------------------------------- the labeller and the loss
+
+def bt_label(gold_a, gold_b, tau, rng):
+    """The simulated human: prefers a with the Bradley-Terry probability sigmoid((g(a) - g(b)) / tau)."""
+    p_a = 1 / (1 + math.exp(-(gold_a - gold_b) / tau))
+    return rng.random() < p_a
+
+
+def preference_loss(chosen_rewards, rejected_rewards):
+    """Bradley-Terry: mean of -log sigmoid(r_w - r_l) over the batch. chosen/rejected_rewards: (B,)."""
+    # -log sigmoid(r_w - r_l), with logsigmoid for numerical stability
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+def rm_scores(rm, ids, attention_mask):
+    """The reward model's scalar at the last real token of each row: ids, attention_mask (B, T) -> (B,).
+    Works for left-padded prompts and right-padded responses alike."""
+    values = rm(ids, attention_mask)  # (B, T)
+    last = attention_mask.size(1) - 1 - attention_mask.long().flip(1).argmax(1)  # (B,) last index where mask is 1
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+def tokenize_responses(prompts, responses):
+    """prompt + response + EOT as right-padded ids and mask (B, T)."""
+    eot = data.special(data.EOT)
+    seqs = [torch.tensor(data.encode(p) + data.encode(r) + [eot]) for p, r in zip(prompts, responses)]
+    mask = data.pad_right([torch.ones(len(s), dtype=torch.bool) for s in seqs], False)
+    return data.pad_right(seqs, eot), mask
+
+
+@torch.no_grad()
+def score_texts(rm, prompts, responses, device, batch_size=64):
+    """RM scores (N,) of response texts."""
+    rm.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = tokenize_responses(prompts[i:i + batch_size], responses[i:i + batch_size])
+        with autocast(device):
+            out.append(rm_scores(rm, ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+def label_pairs(policy, prompts, tau, max_new_tokens, device, seed):
+    """Two samples per prompt, labelled by the simulated human. Returns (pairs, agreement with the gold order)."""
+    torch.manual_seed(seed)
+    texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(2)], max_new_tokens, device=device,
+                           batch_size=128)
+    rng, pairs, agree = random.Random(seed), [], []
+    for i, prompt in enumerate(prompts):
+        a, b = texts[2 * i], texts[2 * i + 1]
+        ga, gb = data.gold_reward(prompt, a), data.gold_reward(prompt, b)
+        chosen, rejected = (a, b) if bt_label(ga, gb, tau, rng) else (b, a)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        agree.append(0.5 if ga == gb else float((ga > gb) == (chosen == a)))
+    return pairs, sum(agree) / len(agree)
+
+
+def load_pairs(path):
+    """A user's (or our) preference pairs: JSONL {"prompt", "chosen", "rejected"}; errors name the line."""
+    return data.load_jsonl(path, ("prompt", "chosen", "rejected"))
+
+
+def ensure_pairs(cfg):
+    """Path of the training pairs, labelling them first (from the SFT model) if missing."""
+    path = os.path.join(cfg.out_dir, "reward", "pairs.jsonl")
+    if not os.path.exists(path):
+        device = pick_device(cfg.device)
+        policy = load_model(sft.ensure_stage("sft", cfg), device)
+        rcfg = reward_config(cfg)
+        prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", rcfg.n_pairs, seed=rcfg.seed)]
+        t0 = time.time()
+        pairs, agreement = label_pairs(policy, prompts, rcfg.tau, rcfg.max_new_tokens, device, rcfg.seed)
+        data.save_jsonl(path, pairs)
+        print(f"labelled {len(pairs)} pairs in {time.time() - t0:.0f}s; agreement with gold {agreement:.3f}")
+    return path
+
+
+def reward_config(cfg):
+    """This script's Config on the same preset, out_dir and device as another stage's cfg."""
+    return parse_config(Config, [f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}", f"--device={cfg.device}"],
+                        PRESETS)
+
+
+# ----------------------------------------------------------------------------- training
+
+def pairwise_accuracy(rm, pairs, device):
+    chosen = score_texts(rm, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], device)
+    rejected = score_texts(rm, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], device)
+    return float((chosen > rejected).float().mean())
+
+
+def train_reward_model(rm, pairs, cfg, device):
+    """Bradley-Terry training on pairs; returns the per-step history."""
+    optimizer = sft.make_optimizer(rm, cfg.lr, cfg.weight_decay, device)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for step in range(cfg.steps):
+        t0 = time.time()
+        rm.train()
+        batch = [pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size,), generator=rng)]
+        prompts = [p["prompt"] for p in batch]
+        # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
+        ids, mask = tokenize_responses(prompts * 2, [p["chosen"] for p in batch] + [p["rejected"] for p in batch])
+        with autocast(device):
+            scores = rm_scores(rm, ids.to(device), mask.to(device))  # (2B,)
+        chosen_rewards, rejected_rewards = scores.float().chunk(2)  # (B,), (B,)
+        loss = preference_loss(chosen_rewards, rejected_rewards)
+        sft.optimizer_step(rm, optimizer, loss, sft.lr_at(step, cfg.steps, cfg.lr, warmup=10))
+        acc = float((chosen_rewards > rejected_rewards).float().mean())
+        history.append({"step": step, "loss": loss.item(), "accuracy": acc})
+        sft.log(step, loss=loss.item(), accuracy=acc, ms=int(1000 * (time.time() - t0)))
+    return history
+
+
+def pearson(x, y):
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-12))
+
+
+def train(cfg):
+    device = pick_device(cfg.device)
+    policy = load_model(sft.ensure_stage("sft", cfg), device)
+    pairs = load_pairs(cfg.data or ensure_pairs(cfg))
+    eval_prompts = sft.eval_prompts(cfg.n_eval_pairs)
+    eval_pairs, ceiling = label_pairs(policy, eval_prompts, cfg.tau, cfg.max_new_tokens, device, cfg.seed + 1)
+    print(f"{len(pairs)} training pairs; held-out labels agree with the gold order {ceiling:.3f} (the ceiling)")
+    torch.manual_seed(cfg.seed)
+    rm = ScalarHeadModel.from_gpt(policy).to(device)
+    history = train_reward_model(rm, pairs, cfg, device)
+    # centre the RM on SFT samples: r <- r - mean r(SFT samples)
+    torch.manual_seed(cfg.seed + 2)
+    prompts = sft.eval_prompts(cfg.eval_prompts)
+    texts, *_ = sft.sample(policy, prompts, cfg.max_new_tokens, device=device)
+    scores = score_texts(rm, prompts, texts, device)
+    with torch.no_grad():
+        rm.head.bias -= scores.mean().to(rm.head.bias.device)
+    gold = [data.gold_reward(p, t) for p, t in zip(prompts, texts)]
+    metrics = {"heldout_accuracy": pairwise_accuracy(rm, eval_pairs, device), "label_ceiling": ceiling,
+               "rm_gold_correlation": pearson(scores, gold), "train_accuracy": history[-1]["accuracy"]}
+    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    metrics["best_of_n"] = best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device)
+    out = os.path.join(cfg.out_dir, "reward")
+    save_checkpoint(os.path.join(out, "model.pt"), rm, step=cfg.steps)
+    sft.write_metrics(out, {**metrics, "config": asdict(cfg), "history": history})
+    return metrics
+
+
+# ----------------------------------------------------------------------------- best-of-N and rejection sampling
+
+def best_of_n(policy, rm, prompts, n, max_new_tokens, device):
+    """For each prompt, n samples from policy and the one the reward model scores highest.
+    Returns (best texts, all texts as a list of n-lists, their RM scores (P, n))."""
+    texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(n)], max_new_tokens, device=device,
+                           batch_size=256)
+    scores = score_texts(rm, [p for p in prompts for _ in range(n)], texts, device).view(len(prompts), n)  # (P, n)
+    groups = [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    best = [g[int(j)] for g, j in zip(groups, scores.argmax(1))]
+    return best, groups, scores
+
+
+def best_of_n_curve(policy, rm, prompts, cfg, device):
+    """Mean gold reward of best-of-N for N = 1, 2, 4, ..., from one set of bon_max_n samples per prompt (the
+    first N of them), next to the analytic KL(best-of-N || policy) = log N - (N - 1) / N."""
+    torch.manual_seed(cfg.seed + 3)
+    t0 = time.time()
+    _, groups, scores = best_of_n(policy, rm, prompts, cfg.bon_max_n, cfg.max_new_tokens, device)
+    curve, n = [], 1
+    while n <= cfg.bon_max_n:
+        pick = scores[:, :n].argmax(1)  # (P,) best of the first n samples
+        gold = [data.gold_reward(p, g[int(j)]) for p, g, j in zip(prompts, groups, pick)]
+        rm_best = float(scores[:, :n].max(1).values.mean())
+        curve.append({"n": n, "gold_reward": sum(gold) / len(gold), "rm_score": rm_best,
+                      "kl": math.log(n) - (n - 1) / n})
+        print(f"best-of-{n:<3d} | gold {curve[-1]['gold_reward']:+.3f} | rm {rm_best:+.3f} | kl {curve[-1]['kl']:.3f}")
+        n *= 2
+    print(f"best-of-N curve in {time.time() - t0:.0f}s")
+    return curve
+
+
+def ensure_reward(cfg):
+    """Path of the reward model checkpoint, training it (and any missing earlier stage) first."""
+    path = os.path.join(cfg.out_dir, "reward", "model.pt")
+    if not os.path.exists(path):
+        print(f"== {path} is missing: running stage 'reward' first")
+        train(reward_config(cfg))
+    return path
+
+
+def rejection_sampling(cfg):
+    """LLaMA-2's rejection sampling: best-of-rs_n SFT samples on training prompts become new SFT data."""
+    device = pick_device(cfg.device)
+    rm = load_model(ensure_reward(cfg), device)
+    sft_model = load_model(sft.ensure_stage("sft", cfg), device)
+    policy = load_model(sft.ensure_stage("sft", cfg), device)
+    tasks = data.tasks("train", cfg.rs_prompts, seed=cfg.seed + 4)
+    prompts = [data.alpaca_prompt(i, x) for i, x in tasks]
+    torch.manual_seed(cfg.seed + 4)
+    best, _, _ = best_of_n(policy, rm, prompts, cfg.rs_n, cfg.max_new_tokens, device)
+    demos = [{"instruction": i, "input": x, "output": b} for (i, x), b in zip(tasks, best)]
+    examples = data.sft_tensors(demos, policy.config.block_size)
+    scfg = sft.Config(lr=3 * cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)  # finetune uses lr / 3
+    history = sft.finetune(policy, examples, cfg.rs_steps, scfg, device, tag="rs")
+    eval_prompts = sft.eval_prompts(cfg.eval_prompts)
+    before, sft_texts = sft.evaluate(sft_model, eval_prompts, cfg.max_new_tokens, device, seed=cfg.seed)
+    after, texts = sft.evaluate(policy, eval_prompts, cfg.max_new_tokens, device, ref=sft_model, seed=cfg.seed)
+    metrics = {"gold_reward": after["gold_reward"], "gold_reward_sft": before["gold_reward"], "kl": after["kl"],
+               "win_rate_vs_sft": sft.win_rate(eval_prompts, texts, sft_texts), "train_gold_best_of_n":
+               sum(data.gold_reward(p, b) for p, b in zip(prompts, best)) / len(best)}
+    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    out = os.path.join(cfg.out_dir, "rejection")
+    save_checkpoint(os.path.join(out, "model.pt"), policy, step=cfg.rs_steps)
+    sft.write_metrics(out, {**metrics, "config": asdict(cfg), "history": history})
+    return metrics
+
+
+def main():
+    cfg = parse_config(Config, presets=PRESETS)
+    try:
+        if cfg.stage == "reward":
+            train(cfg)
+        elif cfg.stage == "rejection":
+            rejection_sampling(cfg)
+        else:
+            raise SystemExit(f"error: --stage={cfg.stage!r}; valid: reward, rejection")
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""
+How fast is our code, and where does the time of one PPO iteration go? A script, not a test: pytest's default
+patterns collect test_*.py and *_test.py files only, and nothing here is named test_*.
+
+  1. pretraining      tokens/s of the full pretraining step (batch -> device, forward, backward, clip, AdamW) and
+                      model FLOPs utilisation, MFU = (FLOPs per token * tokens/s) / peak, with
+                      FLOPs per token = 6 N + 12 L T C              (Chowdhery et al. 2022, PaLM, appendix B)
+                      N parameters (position embeddings excluded), L layers, T context, C width.
+  2. generation       GPT.generate with the KV cache against recomputing the prefix every step.
+  3. training step    forward + backward + AdamW of our GPT against ReferenceGPT below, the plainest causal
+                      transformer of the same shape and weights (no padding mask, no cache, SDPA is_causal).
+                      The target is ours / reference <= 1.1: what padding and caching support costs.
+  4. one PPO iteration of ppo.rollout + ppo.ppo_step on fresh models at ppo.py's preset sizes, split into
+                      rollout (generation), scoring (policy, reference, critic and reward-model forward passes) and
+                      update (the PPO epochs), with the peak memory. Skipped if ppo.py is missing.
+
+On CPU it runs the small shape (the cpu preset's model) in fp32; on CUDA also GPT-2 small (124M) in bf16 with fused
+AdamW, and --compile wraps both training-step models in torch.compile. Times are medians over --repeats runs after
+--warmup runs, with torch.cuda.synchronize around each on CUDA. On a shared machine the numbers are noisy: compare
+ratios measured in one run, not absolute numbers across runs. On CPU it uses one thread by default (--threads).
+
+Run:  python tests/benchmark.py                   (CPU: about a minute)
+      python tests/benchmark.py --compile=true    (CUDA)
+"""
+import dataclasses
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import sft  # noqa: E402
+from model import GPT, GPTConfig, ScalarHeadModel, autocast, parse_config, pick_device  # noqa: E402
+
+
+@dataclass
+class Config:
+    preset: str = "auto"
+    """cpu, gpu, or auto (gpu when CUDA is available): which shapes and sizes below"""
+    device: str = "auto"
+    """cpu, cuda, or auto"""
+    shapes: str = "small"
+    """comma-separated model shapes to benchmark: small (the cpu preset's model), gpt2 (124M)"""
+    batch_size: int = 8
+    """sequences per training step (each block_size tokens long)"""
+    gen_batch: int = 8
+    """prompts generated in parallel"""
+    prompt_len: int = 32
+    """P, tokens of each prompt"""
+    gen_tokens: int = 224
+    """R, new tokens generated per prompt (block_size is raised to P + R for the generation benchmark if needed)"""
+    warmup: int = 2
+    """untimed runs before timing"""
+    repeats: int = 5
+    """timed runs; the median is reported"""
+    compile: bool = False
+    """torch.compile the models of the training-step benchmarks (sections 1 and 3)"""
+    peak_tflops: float = 0.0
+    """the peak MFU is measured against, in TFLOP/s; 0: look the GPU up in PEAK_BF16_TFLOPS (CPU: no MFU)"""
+    ppo: bool = True
+    """time one PPO iteration (needs ppo.py)"""
+    threads: int = 1
+    """CPU only: torch.set_num_threads. On a small, shared CPU one thread is several times faster for this small
+    model (threads that wait for each other's time slices stall every small op); 0 keeps torch's default"""
+    seed: int = 0
+
+
+PRESETS = {"cpu": {}, "gpu": dict(shapes="small,gpt2", batch_size=16, gen_batch=32, gen_tokens=512, warmup=3,
+                                  repeats=10)}
+
+SHAPES = {"small": dict(n_layer=4, n_head=4, n_embd=128, block_size=192, vocab_size=768),
+          "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)}
+
+# dense bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s; the first name contained in the device
+# name wins, so the PCIe H100 comes before the SXM one
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
+
+
+# ----------------------------------------------------------------------------- the reference model
+
+class ReferenceGPT(nn.Module):
+    """The simplest causal GPT with our architecture and parameter names (so it loads our state_dict): every row
+    is a full unpadded sequence, attention is SDPA with is_causal=True, positions are 0..T-1."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, self.n_head = config.n_embd, config.n_head
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, C), wpe=nn.Embedding(config.block_size, C),
+            h=nn.ModuleList([nn.ModuleDict(dict(
+                ln_1=nn.LayerNorm(C, bias=config.bias),
+                attn=nn.ModuleDict(dict(c_attn=nn.Linear(C, 3 * C, bias=config.bias),
+                                        c_proj=nn.Linear(C, C, bias=config.bias))),
+                ln_2=nn.LayerNorm(C, bias=config.bias),
+                mlp=nn.ModuleDict(dict(c_fc=nn.Linear(C, 4 * C, bias=config.bias),
+                                       c_proj=nn.Linear(4 * C, C, bias=config.bias))),
+            )) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(C, bias=config.bias)))
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for block in self.transformer.h:
+            q, k, v = block.attn.c_attn(block.ln_1(x)).split(x.size(-1), dim=2)  # (B, T, C) each
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + block.attn.c_proj(y)
+            x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x))))
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+# ----------------------------------------------------------------------------- timing
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_times(fns, device, warmup, repeats):
+    """Median seconds of each fn in fns; the fns take turns in every round, so load on a shared machine hits
+    them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def peak_tflops(cfg, device):
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops, f"--peak_tflops={cfg.peak_tflops:g}"
+    if not str(device).startswith("cuda"):
+        return None, "cpu"
+    name = torch.cuda.get_device_name()
+    return next(((p, name) for key, p in PEAK_BF16_TFLOPS if key in name), (None, name))
+
+
+def flops_per_token(model):
+    """6 N + 12 L T C: forward + backward of the matmuls (6 N) and of attention's q k^T and att v (12 L T C)."""
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layer * c.block_size * c.n_embd
+
+
+def max_memory(device):
+    if str(device).startswith("cuda"):
+        return f"peak allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    # Linux reports ru_maxrss in KiB; it is the process's high-water mark, earlier sections included
+    return f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (process lifetime)"
+
+
+def row(*cells):
+    print(" | ".join(f"{c:>14}" if i else f"{c:<26}" for i, c in enumerate(cells)))
+
+
+def maybe_compile(model, cfg):
+    return torch.compile(model) if cfg.compile else model
+
+
+# ----------------------------------------------------------------------------- 1. pretraining tokens/s and MFU
+
+def bench_pretrain(gcfg, cfg, device):
+    model = GPT(gcfg).to(device)
+    step_model = maybe_compile(model, cfg)
+    optimizer = sft.make_optimizer(model, 1e-4, 0.1, device)
+    stream = torch.randint(gcfg.vocab_size, (100 * gcfg.block_size,))  # a random token stream stands in for text
+    rng = torch.Generator().manual_seed(cfg.seed)
+
+    def step():  # sft.pretrain's step
+        x, y = data.lm_batch(stream, gcfg.block_size, cfg.batch_size, rng)  # (B, T), (B, T)
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            _, loss = step_model(x, y)
+        sft.optimizer_step(model, optimizer, loss, 1e-4)
+
+    (dt,) = median_times([step], device, cfg.warmup, cfg.repeats)
+    tokens_per_s = cfg.batch_size * gcfg.block_size / dt
+    achieved = flops_per_token(model) * tokens_per_s / 1e12  # TFLOP/s
+    peak, against = peak_tflops(cfg, device)
+    mfu = f"{100 * achieved / peak:.1f}% of {peak:g}" if peak else f"n/a ({against})"
+    return dict(step_ms=1000 * dt, tokens_per_s=tokens_per_s, tflops=achieved, mfu=mfu)
+
+
+# ----------------------------------------------------------------------------- 2. generation with and without cache
+
+def bench_generate(gcfg, cfg, device):
+    need = cfg.prompt_len + cfg.gen_tokens
+    if need > gcfg.block_size:
+        gcfg = GPTConfig(**{**gcfg.__dict__, "block_size": need})
+    model = GPT(gcfg).to(device).eval()
+    prompts = torch.randint(gcfg.vocab_size, (cfg.gen_batch, cfg.prompt_len), device=device)  # (B, P)
+
+    def gen(use_cache, n):
+        with autocast(device):  # no eos_token_id: every row generates exactly n tokens
+            model.generate(prompts, n, temperature=1.0, use_cache=use_cache)
+
+    for _ in range(cfg.warmup):  # warm up on short generations; a full uncached one takes long enough
+        gen(True, 16)
+        gen(False, 16)
+    # the uncached run is hundreds of full forward passes, long enough to time once
+    (cached,) = median_times([lambda: gen(True, cfg.gen_tokens)], device, 0, cfg.repeats)
+    (recomputed,) = median_times([lambda: gen(False, cfg.gen_tokens)], device, 0, 1)
+    tokens = cfg.gen_batch * cfg.gen_tokens
+    return dict(cached=tokens / cached, recomputed=tokens / recomputed, speedup=recomputed / cached,
+                block_size=gcfg.block_size)
+
+
+# ----------------------------------------------------------------------------- 3. our training step vs the reference
+
+def bench_train_step(gcfg, cfg, device):
+    ours = GPT(gcfg).to(device)
+    ref = ReferenceGPT(gcfg).to(device)
+    ref.load_state_dict(ours.state_dict())  # the same weights, so the same function
+    x = torch.randint(gcfg.vocab_size, (cfg.batch_size, gcfg.block_size), device=device)  # (B, T)
+    y = torch.randint(gcfg.vocab_size, (cfg.batch_size, gcfg.block_size), device=device)  # (B, T)
+    with torch.no_grad(), autocast(device):
+        diff = (ours(x)[0].float() - ref(x, y)[0].float()).abs().max().item()
+
+    def stepper(model):
+        step_model = maybe_compile(model, cfg)
+        optimizer = sft.make_optimizer(model, 1e-4, 0.1, device)
+
+        def step():  # forward, backward, AdamW: nothing else
+            with autocast(device):
+                _, loss = step_model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    t_ours, t_ref = median_times([stepper(ours), stepper(ref)], device, cfg.warmup, cfg.repeats)
+    return dict(ours_ms=1000 * t_ours, ref_ms=1000 * t_ref, ratio=t_ours / t_ref, max_logit_diff=diff)
+
+
+# ----------------------------------------------------------------------------- 4. one PPO iteration
+
+def bench_ppo(gcfg, cfg, device, ppo):
+    """ppo.rollout and ppo.ppo_step on freshly initialised models of this shape, with ppo.py's preset sizes.
+    rollout = generation (step 1, timed by wrapping the policy's generate) + scoring (steps 2-5: the policy,
+    reference, critic and reward-model forward passes); update = ppo_step's epochs of minibatch steps."""
+    preset = "gpu" if str(device).startswith("cuda") else "cpu"
+    pcfg = dataclasses.replace(ppo.Config(), **ppo.PRESETS[preset], preset=preset, device=str(device))
+    gcfg = GPTConfig(**{**gcfg.__dict__, "block_size": max(gcfg.block_size, 128 + pcfg.max_new_tokens)})
+    policy = GPT(gcfg).to(device).eval()
+    ref = GPT(gcfg).to(device).requires_grad_(False).eval()
+    ref.load_state_dict(policy.state_dict())
+    critic = ScalarHeadModel.from_gpt(policy).to(device).eval()
+    rm = ScalarHeadModel.from_gpt(policy).to(device).requires_grad_(False).eval()
+    reward_fn = ppo.rm_reward_fn(rm)
+    policy_opt = sft.make_optimizer(policy, pcfg.lr, 0.0, device)
+    critic_opt = sft.make_optimizer(critic, pcfg.critic_lr, 0.0, device)
+    prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", pcfg.batch_size, seed=cfg.seed)]
+    prompt_ids = [torch.tensor(data.encode(p)) for p in prompts]
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    generate, gen_seconds = policy.generate, []
+
+    def timed_generate(*args, **kwargs):  # an instance attribute shadows GPT.generate inside ppo.rollout
+        sync(device)
+        t0 = time.perf_counter()
+        out = generate(*args, **kwargs)
+        sync(device)
+        gen_seconds.append(time.perf_counter() - t0)
+        return out
+    policy.generate = timed_generate
+
+    def iteration():
+        batch = ppo.rollout(policy, ref, critic, reward_fn, prompt_ids, pcfg.max_new_tokens, pcfg.kl_coef,
+                            pcfg.no_eos_penalty, device)
+        sync(device)
+        t_update = time.perf_counter()
+        ppo.ppo_step(policy, critic, policy_opt, critic_opt, batch, pcfg, gen)
+        sync(device)
+        return t_update, batch["response"].size(1)
+
+    iteration()  # warm-up
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    phases = []
+    for _ in range(max(1, cfg.repeats // 3)):
+        sync(device)
+        t0 = time.perf_counter()
+        t_update, R = iteration()
+        t1 = time.perf_counter()
+        phases.append((gen_seconds[-1], t_update - t0 - gen_seconds[-1], t1 - t_update))
+    rollout_s, scoring_s, update_s = (statistics.median(p) for p in zip(*phases))
+    return dict(rollout=rollout_s, scoring=scoring_s, update=update_s, B=pcfg.batch_size, R=R,
+                epochs=pcfg.n_epochs, minibatches=pcfg.n_minibatches, memory=max_memory(device))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    cfg = parse_config(Config, presets=PRESETS)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    shapes = [s.strip() for s in cfg.shapes.split(",") if s.strip()]
+    for s in shapes:
+        if s not in SHAPES:
+            raise SystemExit(f"error: --shapes: unknown shape {s!r}; valid: {', '.join(SHAPES)}")
+    if str(device).startswith("cuda"):
+        where = torch.cuda.get_device_name()
+    else:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        where = f"cpu, {torch.get_num_threads()} thread(s)"
+    print(f"benchmark on {where}, torch {torch.__version__}, "
+          f"{'bf16 autocast, fused AdamW' if str(device).startswith('cuda') else 'fp32'}"
+          f"{', torch.compile' if cfg.compile else ''}; medians of {cfg.repeats} after {cfg.warmup} warm-up")
+    gcfgs = {s: GPTConfig(**SHAPES[s]) for s in shapes}
+    params = {s: GPT(g).num_params() for s, g in gcfgs.items()}
+    row("", *(f"{s} ({params[s] / 1e6:.1f}M)" for s in shapes))
+
+    print(f"\n1. pretraining step (B={cfg.batch_size}, T=block_size)")
+    res = [bench_pretrain(gcfgs[s], cfg, device) for s in shapes]
+    row("step ms", *(f"{r['step_ms']:.1f}" for r in res))
+    row("tokens/s", *(f"{r['tokens_per_s']:,.0f}" for r in res))
+    row("achieved TFLOP/s", *(f"{r['tflops']:.3f}" for r in res))
+    row("MFU", *(r["mfu"] for r in res))
+
+    print(f"\n2. generation (B={cfg.gen_batch}, P={cfg.prompt_len}, R={cfg.gen_tokens} new tokens)")
+    res = [bench_generate(gcfgs[s], cfg, device) for s in shapes]
+    row("block_size used", *(str(r["block_size"]) for r in res))
+    row("tokens/s, KV cache", *(f"{r['cached']:,.0f}" for r in res))
+    row("tokens/s, recompute", *(f"{r['recomputed']:,.0f}" for r in res))
+    row("cache speed-up", *(f"{r['speedup']:.1f}x" for r in res))
+
+    print(f"\n3. training step: ours vs ReferenceGPT (B={cfg.batch_size}, T=block_size; target ratio <= 1.1)")
+    res = [bench_train_step(gcfgs[s], cfg, device) for s in shapes]
+    row("ours ms", *(f"{r['ours_ms']:.1f}" for r in res))
+    row("reference ms", *(f"{r['ref_ms']:.1f}" for r in res))
+    row("ours / reference", *(f"{r['ratio']:.3f}" for r in res))
+    row("max |logit diff|", *(f"{r['max_logit_diff']:.1e}" for r in res))
+
+    if not cfg.ppo:
+        return
+    print("\n4. one PPO iteration (ppo.py's preset sizes; fresh models of each shape)")
+    try:
+        import ppo
+    except ImportError as e:
+        print(f"ppo.py not available ({e}): skipped")
+        return
+    res = [bench_ppo(gcfgs[s], cfg, device, ppo) for s in shapes]
+    row("rollouts x response len", *(f"{r['B']} x {r['R']}" for r in res))
+    row("epochs x minibatches", *(f"{r['epochs']} x {r['minibatches']}" for r in res))
+    row("rollout (generate) s", *(f"{r['rollout']:.2f}" for r in res))
+    row("scoring (4 forwards) s", *(f"{r['scoring']:.2f}" for r in res))
+    row("update s", *(f"{r['update']:.2f}" for r in res))
+    for s, r in zip(shapes, res):
+        print(f"{s}: {r['memory']}")
+
+
+if __name__ == "__main__":
+    main()

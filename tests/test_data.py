@@ -1,0 +1,214 @@
+"""data.py against hand-worked examples (the template, the gold reward, BPE merges) and properties (round-trips,
+masking proportions, errors that name the file and line)."""
+import math
+import random
+
+import pytest
+import torch
+
+import data
+
+# ----------------------------------------------------------------------------- the template and the task split
+
+
+def test_alpaca_prompt_without_input():
+    assert data.alpaca_prompt("Write a story about Tom.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nWrite a story about Tom.\n\n### Response:\n")
+
+
+def test_alpaca_prompt_with_input():
+    assert data.alpaca_prompt("Continue the story.", "There once was a fox called Max.") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nContinue the story.\n\n### Input:\nThere once was a fox called Max.\n\n### Response:\n")
+
+
+def test_train_and_eval_tasks_are_disjoint_and_deterministic():
+    train, held_out = data.tasks("train", 200), data.tasks("eval", 50)
+    assert len(set(train)) == 200 and len(set(held_out)) == 50
+    assert not set(train) & set(held_out)
+    assert all(data.split_of(*t) == "eval" for t in held_out)
+    assert data.sft_examples(5, seed=3) == data.sft_examples(5, seed=3)
+    assert data.pretrain_corpus(5, seed=1) == data.pretrain_corpus(5, seed=1) != data.pretrain_corpus(5, seed=2)
+
+
+def test_requested_reads_the_instruction_and_input_only():
+    prompt = data.alpaca_prompt("Continue the story.", "Lily the owl went to the lake.")
+    assert data.requested(prompt) == ["Lily", "owl", "lake"]
+    assert data.requested(data.alpaca_prompt("Write a story about a fox.")) == ["fox"]
+
+
+# ----------------------------------------------------------------------------- the gold human
+
+def test_gold_reward_by_hand():
+    prompt = data.alpaca_prompt("Write a story about Tom the cat at the park.")
+    response = "Tom the cat was happy. Tom the cat was happy. He saw a zebra. The end."
+    # words: tom the cat was happy tom the cat was happy he saw a zebra the end -> n = 16
+    # follow:   Tom and cat are said, park is not: 2 * 2/3 - 1                          = 1/3
+    # mood:     distinct happy words {happy}, sad words {}: tanh((1 - 0) / 2)           = tanh(0.5)
+    # finished: ends with "The end."                                                    = +0.5
+    # repeat:   14 trigrams; "tom the cat", "the cat was", "cat was happy" come twice,
+    #           so 11 are distinct: -3 * (1 - 11/14)                                    = -9/14
+    # length:   16 < 20 words: -(20 - 16) / 20                                          = -0.2
+    # fluency:  "he" and "zebra" are outside the lexicon: -2 * 2/16                     = -0.25
+    assert "he" not in data.LEXICON and "zebra" not in data.LEXICON and "saw" in data.LEXICON
+    expected = 1 / 3 + math.tanh(0.5) + 0.5 - 9 / 14 - 0.2 - 0.25
+    assert data.gold_reward(prompt, response) == pytest.approx(expected)
+
+
+def test_gold_reward_of_an_empty_response():
+    # follow -1 (nothing requested is said), mood tanh(0) = 0, finished -0.5, repeat 0, length -20/20, fluency 0
+    assert data.gold_reward(data.alpaca_prompt("Write a story about a dog."), "") == pytest.approx(-2.5)
+
+
+def test_gold_reward_counts_distinct_mood_words():
+    prompt = data.alpaca_prompt("Write a story about Tom.")
+    once, many = "Tom was happy.", "Tom was happy happy happy."
+    mood = lambda r: data.gold_reward(prompt, r) - data.gold_reward(prompt, r.replace("happy", "tom"))
+    assert mood(once) == pytest.approx(math.tanh(0.5))  # happy vs. a neutral word; lengths and trigrams kept equal
+    assert mood(many) == pytest.approx(math.tanh(0.5))
+
+
+# ----------------------------------------------------------------------------- BPE and the tokenizer
+
+def test_train_bpe_by_hand():
+    # pre-tokens: "abab", "ab", "cd" (once each)
+    # merge 1: pairs (a,b) 3, (b,a) 1, (c,d) 1 -> "ab" = 256; words become [ab ab], [ab], [c d]
+    # merge 2: pairs (ab,ab) 1, (c,d) 1, a tie broken by the larger bytes: b"c" > b"ab" -> "cd" = 257
+    # merge 3: pair (ab,ab) 1 -> "abab" = 258; then no pairs are left and training stops early
+    ranks = data.train_bpe(["abab", "ab", "cd"], n_merges=10)
+    assert {tok: r for tok, r in ranks.items() if r >= 256} == {b"ab": 256, b"cd": 257, b"abab": 258}
+    assert all(ranks[bytes([i])] == i for i in range(256))
+    assert max(data.train_bpe(["abab", "ab", "cd"], n_merges=2).values()) == 257
+
+
+def test_train_bpe_merges_inside_pre_tokens_only():
+    # "a b" pre-tokenizes to "a" and " b": the pair (a, " ") never occurs, (" ", b) does
+    ranks = data.train_bpe(["a b"], n_merges=5)
+    assert {tok for tok, r in ranks.items() if r >= 256} == {b" b"}
+
+
+def random_text(rng):
+    pools = ["abc XYZ 019 .,;!?'", "\n\n\t  ", "éüßñçø", "日本語の文字", "😀🦊🐈‍⬛👍🏽", "<|endoftext|>", "<|pad|>",
+             "<|mask|>", "'s 've '  "]
+    parts = []
+    for _ in range(rng.randint(0, 12)):
+        if rng.random() < 0.3:  # any Unicode scalar value (surrogates are not text)
+            cp = rng.randrange(0x110000)
+            parts.append(chr(cp) if not 0xD800 <= cp < 0xE000 else "x")
+        else:
+            pool = rng.choice(pools)
+            parts.append(pool if pool.startswith("<|") else "".join(rng.choices(pool, k=rng.randint(1, 6))))
+    return "".join(parts)
+
+
+def test_tokenizer_round_trips_arbitrary_text():
+    rng = random.Random(0)
+    specials = {data.special(data.EOT), data.special(data.PAD), data.special(data.MASK)}
+    texts = [random_text(rng) for _ in range(300)] + ["", "Once upon a time, there was a fox.", data.EOT * 2]
+    for text in texts:
+        ids = data.encode(text)
+        assert data.decode(ids) == text
+        assert not specials & set(ids)  # special-token strings in text stay plain text
+
+
+def test_tokenizer_vocabulary():
+    enc = data.tokenizer()
+    ids = sorted([data.special(data.EOT), data.special(data.PAD), data.special(data.MASK)])
+    assert ids == [enc.n_vocab - 3, enc.n_vocab - 2, enc.n_vocab - 1]  # the specials come after every BPE token
+    assert enc.n_vocab <= data.VOCAB_SIZE
+    assert len(data.encode(data.pretrain_corpus(1)[0])) < len(data.pretrain_corpus(1)[0]) / 2  # it does compress
+
+
+# ----------------------------------------------------------------------------- batches and masking
+
+def test_lm_batch_targets_are_inputs_shifted_by_one():
+    stream = torch.arange(100)
+    x, y = data.lm_batch(stream, 8, 5, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (5, 8)
+    assert torch.equal(y, x + 1)  # the stream counts up, so next token = this token + 1
+    assert torch.equal(x - x[:, :1], torch.arange(8).expand(5, 8))  # contiguous windows
+
+
+def test_mlm_mask_proportions():
+    mask_id, n_normal = 999, 500
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(n_normal, (400, 500), generator=g)  # 200k positions
+    inputs, targets = data.mlm_mask(x, mask_id, n_normal, g)
+    chosen = targets != -1
+    assert chosen.float().mean().item() == pytest.approx(0.15, abs=0.005)
+    assert torch.equal(targets[chosen], x[chosen])
+    assert torch.equal(inputs[~chosen], x[~chosen])  # unchosen positions are left alone
+    n = chosen.sum().item()
+    masked = (inputs == mask_id) & chosen
+    kept = (inputs == x) & chosen
+    swapped = chosen & ~masked & ~kept
+    assert masked.sum().item() / n == pytest.approx(0.8, abs=0.015)
+    # a random replacement equals the original 1 time in n_normal, so "kept" gains 0.1 / n_normal
+    assert kept.sum().item() / n == pytest.approx(0.1, abs=0.01)
+    assert swapped.sum().item() / n == pytest.approx(0.1, abs=0.01)
+    assert (inputs[swapped] < n_normal).all()  # random tokens are normal tokens, never a special one
+    assert (inputs != mask_id).logical_or(chosen).all()
+
+
+def test_sft_tensors_label_only_the_response():
+    ex = {"instruction": "Write a story about Max.", "input": "", "output": "Max the dog ran. The end."}
+    prompt = data.encode(data.alpaca_prompt(ex["instruction"]))
+    response = data.encode(ex["output"]) + [data.special(data.EOT)]
+    [(ids, labels)] = data.sft_tensors([ex], block_size=192)
+    assert ids.tolist() == (prompt + response)[:-1]
+    # labels[t] is the token after ids[t] on response positions, -1 before
+    assert labels.tolist() == [-1] * (len(prompt) - 1) + response
+    [(ids, labels)] = data.sft_tensors([ex], block_size=len(prompt) + 2)  # cut to the block
+    assert len(ids) == len(labels) == len(prompt) + 2
+    assert labels.tolist()[-3:] == response[:3]
+
+
+def test_pad_left_and_right():
+    seqs = [torch.tensor([1, 2, 3]), torch.tensor([4])]
+    assert data.pad_right(seqs, 0).tolist() == [[1, 2, 3], [4, 0, 0]]
+    ids, mask = data.pad_left(seqs, 9)
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+# ----------------------------------------------------------------------------- the user's own files
+
+def test_load_sft_jsonl_reads_records(tmp_path):
+    path = tmp_path / "demos.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "input": "d", "output": "e"}\n')
+    assert data.load_sft_jsonl(str(path)) == [{"input": "", "instruction": "a", "output": "b"},
+                                              {"instruction": "c", "input": "d", "output": "e"}]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"instruction": "a", "output": ', "not valid JSON"),
+    ('{"instruction": "a"}', "missing key 'output'"),
+    ('{"instruction": "a", "output": 3}', "'output' must be a string, got int"),
+    ('["a", "b"]', "expected a JSON object, got list"),
+])
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, bad, message):
+    path = tmp_path / "demos.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n' + bad + "\n")  # the bad record is on line 3
+    with pytest.raises(ValueError) as e:
+        data.load_sft_jsonl(str(path))
+    assert f"{path}:3:" in str(e.value) and message in str(e.value)
+
+
+def test_jsonl_missing_or_empty(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
+        data.load_sft_jsonl(str(tmp_path / "nothing.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no records"):
+        data.load_sft_jsonl(str(tmp_path / "empty.jsonl"))
+
+
+def test_load_corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("First story.\nStill the first.\n\n \nSecond story.\n")
+    assert data.load_corpus(str(path)) == ["First story.\nStill the first.", "Second story."]
+    path.write_bytes("one\ntwo é\n".encode() + b"three \xff\n")  # the bad byte is on line 3
+    with pytest.raises(ValueError) as e:
+        data.load_corpus(str(path))
+    assert f"{path}:3:" in str(e.value) and "UTF-8" in str(e.value)

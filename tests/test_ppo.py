@@ -1,0 +1,175 @@
+"""ppo.py: GAE against a naive per-row loop, the per-token reward, the clipped losses against hand-worked numbers,
+whitening, the adaptive KL controller, a rollout with policy = reference, and a tiny PPO run that raises a toy
+reward end to end."""
+import copy
+import json
+import math
+import os
+
+import torch
+
+import data
+import ppo
+import sft
+from model import GPT, GPTConfig, ScalarHeadModel, masked_whiten
+
+torch.set_num_threads(1)
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    # the tokenizer's exact vocabulary, so a random model never samples an id that cannot be decoded
+    return GPT(GPTConfig(vocab_size=data.tokenizer().n_vocab, block_size=72, n_layer=1, n_head=2, n_embd=32))
+
+
+def byte_fraction(ids, attention_mask, P):
+    """Toy reward: the fraction of real response tokens that are single bytes (ids < 256), about 1/3 at init."""
+    response, mask = ids[:, P:], attention_mask[:, P:].float()
+    return ((response < 256).float() * mask).sum(1) / mask.sum(1)
+
+
+def naive_gae(rewards, values, length, gamma, lam):
+    """One row, one token at a time, straight from the definition; the episode ends after length tokens."""
+    adv = [0.0] * length
+    next_adv, next_value = 0.0, 0.0
+    for t in reversed(range(length)):
+        delta = rewards[t] + gamma * next_value - values[t]
+        next_adv = delta + gamma * lam * next_adv
+        adv[t], next_value = next_adv, values[t]
+    return adv
+
+
+def test_compute_gae_matches_naive_loop():
+    torch.manual_seed(0)
+    lengths = [5, 3, 1, 5, 2]
+    B, R = len(lengths), max(lengths)
+    rewards, values = torch.randn(B, R), torch.randn(B, R)
+    mask = torch.arange(R)[None, :] < torch.tensor(lengths)[:, None]  # (B, R) real tokens: a prefix of each row
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)]:
+        advantages, returns = ppo.compute_gae(rewards, values, mask, gamma, lam)
+        for b, n in enumerate(lengths):
+            expected = naive_gae(rewards[b].tolist(), values[b].tolist(), n, gamma, lam)
+            assert torch.allclose(advantages[b, :n], torch.tensor(expected), atol=1e-5)
+            assert torch.allclose(returns[b, :n], advantages[b, :n] + values[b, :n])
+            assert (advantages[b, n:] == 0).all() and (returns[b, n:] == 0).all()  # nothing past the end
+    # gamma = lam = 1: the return is the plain reward-to-go sum_{k >= t} r_k, whatever the critic says
+    _, returns = ppo.compute_gae(rewards, values, mask, 1.0, 1.0)
+    to_go = (rewards * mask).flip(1).cumsum(1).flip(1)
+    assert torch.allclose(returns, to_go * mask, atol=1e-5)
+
+
+def test_per_token_rewards_put_the_score_on_the_last_real_token():
+    torch.manual_seed(0)
+    lengths = [4, 1, 3]
+    mask = torch.arange(4)[None, :] < torch.tensor(lengths)[:, None]  # (3, 4)
+    logprobs, ref_logprobs = torch.randn(3, 4), torch.randn(3, 4)
+    scores = torch.tensor([1.5, -2.0, 0.25])
+    rewards, non_score_reward, kl = ppo.per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    assert torch.allclose(kl, (logprobs - ref_logprobs) * mask)
+    assert torch.allclose(non_score_reward, -0.1 * kl)
+    score_part = rewards - non_score_reward
+    expected = torch.zeros(3, 4)
+    for b, n in enumerate(lengths):
+        expected[b, n - 1] = scores[b]
+    assert torch.allclose(score_part, expected)
+    assert (rewards[~mask] == 0).all()
+
+
+def test_policy_loss_hand_worked():
+    # ratio, A, eps = 0.2:           -A*ratio   -A*clip(ratio)   max     clipped?
+    #   1.5  +1                        -1.5        -1.2            -1.2     yes (gain capped above 1 + eps)
+    #   0.5  +1                        -0.5        -0.8            -0.5     no  (pessimistic side is unclipped)
+    #   1.1  -1                         1.1         1.1             1.1     no  (inside the range)
+    #   0.7  -1                         0.7         0.8             0.8     yes (gain capped below 1 - eps)
+    #   1.5  -1                         1.5         1.2             1.5     no
+    #   padding (masked out)
+    # pg_loss = (-1.2 - 0.5 + 1.1 + 0.8 + 1.5) / 5 = 0.34, clipfrac = 2/5
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 0.7, 1.5, 9.0]])
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    old_logprobs = torch.full((1, 6), -2.0)
+    logprobs = (old_logprobs + ratio.log()).requires_grad_(True)
+    pg_loss, approx_kl, clipfrac = ppo.policy_loss(logprobs, old_logprobs, advantages, mask, cliprange=0.2)
+    assert math.isclose(pg_loss.item(), 0.34, abs_tol=1e-6)
+    assert math.isclose(clipfrac.item(), 0.4, abs_tol=1e-6)
+    r = ratio[0, :5]
+    assert math.isclose(approx_kl.item(), ((r - 1) - r.log()).mean().item(), abs_tol=1e-6)
+    # d pg_loss / d logprob = -A * ratio / 5 on unclipped tokens, 0 on clipped ones and padding
+    pg_loss.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[0.0, -0.1, 0.22, 0.0, 0.3, 0.0]]), atol=1e-6)
+
+
+def test_value_loss_hand_worked():
+    # V_old = 0, V = 0.5, R = 1, eps_v = 0.2: V_clipped = 0.2; max(0.25, 0.64) = 0.64 (clipped side)
+    # V_old = 0.9, V = 1.0, R = 0: V_clipped = 1.0; max(1.0, 1.0) = 1.0
+    # vf_loss = 0.5 * (0.64 + 1.0) / 2 = 0.41
+    values = torch.tensor([[0.5, 1.0, 7.0]])
+    old_values = torch.tensor([[0.0, 0.9, 0.0]])
+    returns = torch.tensor([[1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    vf_loss, vf_clipfrac = ppo.value_loss(values, old_values, returns, mask, cliprange_value=0.2)
+    assert math.isclose(vf_loss.item(), 0.41, abs_tol=1e-6)
+    assert math.isclose(vf_clipfrac.item(), 0.5, abs_tol=1e-6)
+
+
+def test_whitening_uses_real_tokens_only():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    x = torch.randn(2, 4)
+    garbage = x.clone()
+    garbage[~mask] = 1e6  # whatever sits on padding must not move the statistics
+    w, w_garbage = masked_whiten(x, mask), masked_whiten(garbage, mask)
+    assert torch.allclose(w[mask], w_garbage[mask])
+    assert abs(w[mask].mean().item()) < 1e-5
+    assert math.isclose(w[mask].var(unbiased=False).item(), 1.0, rel_tol=1e-4)
+
+
+def test_adaptive_kl_controller():
+    # KL above target raises beta, below lowers it; the error is clipped to +-0.2 and scaled by n / H
+    assert ppo.update_kl_coef(0.1, kl=7.0, target=6.0, n_steps=64, horizon=1000) > 0.1
+    assert ppo.update_kl_coef(0.1, kl=5.0, target=6.0, n_steps=64, horizon=1000) < 0.1
+    assert ppo.update_kl_coef(0.1, kl=6.0, target=6.0, n_steps=64, horizon=1000) == 0.1
+    assert math.isclose(ppo.update_kl_coef(0.1, kl=100.0, target=6.0, n_steps=64, horizon=1000),
+                        0.1 * (1 + 0.2 * 64 / 1000))
+    assert math.isclose(ppo.update_kl_coef(0.1, kl=0.0, target=6.0, n_steps=64, horizon=1000),
+                        0.1 * (1 - 0.2 * 64 / 1000))
+
+
+def test_rollout_kl_is_zero_when_policy_equals_reference():
+    policy = tiny_gpt()
+    ref = copy.deepcopy(policy)
+    critic = ScalarHeadModel(policy.config)
+    prompts = [torch.tensor(data.encode(data.alpaca_prompt(i, x))) for i, x in data.tasks("train", 6, seed=0)]
+    torch.manual_seed(0)
+    batch = ppo.rollout(policy, ref, critic, byte_fraction, prompts, max_new_tokens=8, kl_coef=0.5,
+                        no_eos_penalty=1.0, device="cpu")
+    mask = batch["mask"]
+    assert (batch["kl"] == 0).all() and (batch["non_score_reward"] == 0).all()
+    assert torch.allclose(batch["rewards"].sum(1), batch["scores"])  # only the score is left
+    assert (mask.long().cummin(1).values == mask.long()).all()  # real tokens are a prefix of each row
+    assert torch.allclose(batch["scores"], batch["raw_scores"] - 1.0 * (~batch["ended"]).float())
+
+
+def test_training_prompts_are_not_evaluation_prompts():
+    train = {data.alpaca_prompt(i, x) for i, x in data.tasks("train", 2000, seed=1337)}
+    assert not train & set(sft.eval_prompts(512))
+
+
+def test_tiny_ppo_raises_a_toy_reward(tmp_path):
+    policy = tiny_gpt()
+    ref = copy.deepcopy(policy)
+    torch.manual_seed(1)
+    critic = ScalarHeadModel(policy.config)
+    cfg = ppo.Config(out_dir=str(tmp_path), device="cpu", steps=12, batch_size=16, n_epochs=2, n_minibatches=2,
+                     max_new_tokens=8, lr=3e-2, critic_lr=3e-3, kl_coef=0.01, no_eos_penalty=0.0, n_prompts=64,
+                     eval_prompts=4, sample_every=0)
+    metrics = ppo.train(cfg, policy=policy, ref=ref, critic=critic, reward_fn=byte_fraction)
+    scores = [row["score"] for row in metrics["history"]]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.15, scores
+    assert os.path.exists(tmp_path / "ppo" / "model.pt")
+    saved = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
+    for key in ("gold_reward", "gold_reward_sft", "kl", "win_rate_vs_sft"):
+        assert math.isfinite(saved[key])
+    for key in ("score", "gold", "kl", "kl_coef", "approx_kl", "clipfrac", "entropy", "explained_var", "pg_loss",
+                "vf_loss", "ms"):
+        assert key in saved["history"][-1]
