@@ -91,10 +91,25 @@ def story(rng, name=None, animal=None, place=None, mood=None, n_middle=None, rep
     return text
 
 
+TITLES = ["The story of {N} the {A}", "{N} and the {P}", "{N} the {A} at the {P}", "A {A} at the {P}",
+          "A story about {N}", "A story about a {A}"]
+
+
+def titled_story(rng):
+    """Half the corpus has a title line whose name, animal and place the story keeps to, as text on the web has
+    headings: pretraining then learns to write what a heading asks for, and SFT only has to teach the format."""
+    if rng.random() < 0.5:
+        return story(rng, repeat=rng.random() < 0.1, finished=rng.random() < 0.9)
+    slots = dict(N=rng.choice(NAMES), A=rng.choice(ANIMALS), P=rng.choice(PLACES))
+    return rng.choice(TITLES).format(**slots) + "\n\n" + story(rng, name=slots["N"], animal=slots["A"],
+                                                                place=slots["P"], repeat=rng.random() < 0.1,
+                                                                finished=rng.random() < 0.9)
+
+
 def pretrain_corpus(n_docs, seed=0):
-    """n_docs stories of every mood, length and quality: the self-supervised corpus of stage 1."""
+    """n_docs stories of every mood, length and quality, half with titles: the self-supervised corpus of stage 1."""
     rng = random.Random(seed)
-    return [story(rng, repeat=rng.random() < 0.1, finished=rng.random() < 0.9) for _ in range(n_docs)]
+    return [titled_story(rng) for _ in range(n_docs)]
 
 
 # ----------------------------------------------------------------------------- instructions and the Alpaca template
@@ -193,7 +208,7 @@ def gold_reward(prompt, response):
 PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
 EOT, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
 VOCAB_SIZE = 1024  # at most 256 bytes + merges + 3 specials; on our corpus BPE runs out of pairs at 741
-TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "tokenizer", "lab.bpe")
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "tokenizer")
 
 
 def train_bpe(texts, n_merges, pattern=PATTERN):
@@ -238,14 +253,17 @@ def bpe_training_texts():
 
 
 @functools.lru_cache(maxsize=None)
-def tokenizer(path=TOKENIZER_PATH):
-    """The lab's tiktoken.Encoding: BPE ranks trained once on the corpus (a few seconds), then read from path."""
+def tokenizer(cache_dir=TOKENIZER_DIR):
+    """The lab's tiktoken.Encoding: BPE ranks trained once on the corpus (a second or two), then read from a file
+    named by a checksum of the training text, so a change to the world never meets a stale vocabulary."""
+    texts = bpe_training_texts()
+    path = os.path.join(cache_dir, f"lab-{zlib.crc32(''.join(texts).encode()):08x}.bpe")
     if os.path.exists(path):
         with open(path) as f:
             ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
     else:
-        ranks = train_bpe(bpe_training_texts(), VOCAB_SIZE - 256 - 3)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ranks = train_bpe(texts, VOCAB_SIZE - 256 - 3)
+        os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:  # tiktoken's own file format: base64 token, rank
             f.writelines(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in ranks.items())

@@ -183,7 +183,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.trunk(idx, attention_mask))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            # autocast runs cross_entropy in fp32 on CUDA; no fp32 copy of the (B, T, V) logits needed here
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
@@ -315,6 +316,13 @@ def autocast(device):
     if str(device).startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def to_device(t, device):
+    """Host -> device copy of a batch; on CUDA from pinned memory and asynchronous, so it overlaps compute."""
+    if str(device).startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def field_docs(cls):
