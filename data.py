@@ -178,8 +178,8 @@ def sft_examples(n, seed=0, split="train"):
 
 # ----------------------------------------------------------------------------- the gold human
 
-def gold_reward(prompt, response):
-    """The gold human's score of a response: the sum of six documented terms (about -8 to +3).
+def gold_terms(prompt, response):
+    """The gold human's judgement of a response, term by term (gold_reward is their sum, about -8 to +3):
       follow    2 * (fraction of the requested name/animal/place mentioned) - 1          in [-1, 1]
       mood      tanh((distinct happy words - distinct sad words) / 2)                      in (-1, 1)
       finished  +0.5 if the text ends with "The end.", else -0.5
@@ -191,14 +191,19 @@ def gold_reward(prompt, response):
     n = len(words)
     want = requested(prompt)
     said = set(re.findall(r"[A-Za-z]+", response))
-    follow = 2 * sum(w in said for w in want) / len(want) - 1 if want else 0.0
-    mood = math.tanh((len(POSITIVE & set(words)) - len(NEGATIVE & set(words))) / 2)
-    finished = 0.5 if response.rstrip().endswith(THE_END) else -0.5
     trigrams = list(zip(words, words[1:], words[2:]))
-    repeat = -3 * (1 - len(set(trigrams)) / len(trigrams)) if trigrams else 0.0
-    length = -max(0, 20 - n) / 20 - max(0, n - 70) / 30
-    fluency = -2 * sum(w not in LEXICON for w in words) / n if n else 0.0
-    return follow + mood + finished + repeat + length + fluency
+    return dict(
+        follow=2 * sum(w in said for w in want) / len(want) - 1 if want else 0.0,
+        mood=math.tanh((len(POSITIVE & set(words)) - len(NEGATIVE & set(words))) / 2),
+        finished=0.5 if response.rstrip().endswith(THE_END) else -0.5,
+        repeat=-3 * (1 - len(set(trigrams)) / len(trigrams)) if trigrams else 0.0,
+        length=-max(0, 20 - n) / 20 - max(0, n - 70) / 30,
+        fluency=-2 * sum(w not in LEXICON for w in words) / n if n else 0.0)
+
+
+def gold_reward(prompt, response):
+    """The gold human's score: the sum of gold_terms. Deterministic; defined for any text."""
+    return sum(gold_terms(prompt, response).values())
 
 
 # ----------------------------------------------------------------------------- the tokenizer

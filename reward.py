@@ -15,6 +15,7 @@ Run:  python reward.py                       (builds missing earlier stages; out
       python reward.py --stage=rejection     (best-of-N samples become SFT data; out/rejection/)
       python reward.py --data=my_pairs.jsonl (your own preference pairs)
 """
+import dataclasses
 import math
 import os
 import random
@@ -73,7 +74,8 @@ PRESETS = {"cpu": {}, "gpu": dict(n_pairs=10000, n_eval_pairs=1024, steps=600, b
 
 def bt_label(gold_a, gold_b, tau, rng):
     """The simulated human: prefers a with the Bradley-Terry probability sigmoid((g(a) - g(b)) / tau)."""
-    p_a = 1 / (1 + math.exp(-(gold_a - gold_b) / tau))
+    # sigmoid(d / tau) written as (1 + tanh(d / 2 tau)) / 2, which cannot overflow for small tau
+    p_a = 0.5 * (1 + math.tanh((gold_a - gold_b) / (2 * tau)))
     return rng.random() < p_a
 
 
@@ -149,7 +151,9 @@ def ensure_pairs(cfg):
 
 
 def reward_config(cfg):
-    """This script's Config on the same preset, out_dir and device as another stage's cfg."""
+    """This script's Config: cfg itself when it is one, else the defaults on cfg's preset, out_dir and device."""
+    if isinstance(cfg, Config):
+        return dataclasses.replace(cfg, stage="reward")
     return parse_config(Config, [f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}", f"--device={cfg.device}"],
                         PRESETS)
 
@@ -272,8 +276,7 @@ def rejection_sampling(cfg):
     best, _, _ = best_of_n(policy, rm, prompts, cfg.rs_n, cfg.max_new_tokens, device)
     demos = [{"instruction": i, "input": x, "output": b} for (i, x), b in zip(tasks, best)]
     examples = data.sft_tensors(demos, policy.config.block_size)
-    scfg = sft.Config(lr=3 * cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)  # finetune uses lr / 3
-    history = sft.finetune(policy, examples, cfg.rs_steps, scfg, device, tag="rs")
+    history = sft.finetune(policy, examples, cfg.rs_steps, cfg.lr, cfg, device, tag="rs")
     eval_prompts = sft.eval_prompts(cfg.eval_prompts)
     before, sft_texts = sft.evaluate(sft_model, eval_prompts, cfg.max_new_tokens, device, seed=cfg.seed)
     after, texts = sft.evaluate(policy, eval_prompts, cfg.max_new_tokens, device, ref=sft_model, seed=cfg.seed)

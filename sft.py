@@ -243,9 +243,10 @@ def sft_batch(examples, batch_size, rng, device):
     return to_device(ids, device), to_device(labels, device)
 
 
-def finetune(model, examples, steps, cfg, device, tag="sft"):
-    """Response-only cross-entropy on (ids, labels) examples; returns the per-step history."""
-    optimizer = make_optimizer(model, cfg.lr / 3, cfg.weight_decay, device)
+def finetune(model, examples, steps, lr, cfg, device, tag="sft"):
+    """Response-only cross-entropy on (ids, labels) examples at peak learning rate lr (cfg gives batch_size,
+    weight_decay and seed); returns the per-step history."""
+    optimizer = make_optimizer(model, lr, cfg.weight_decay, device)
     rng = torch.Generator().manual_seed(cfg.seed)
     history = []
     for step in range(steps):
@@ -254,7 +255,7 @@ def finetune(model, examples, steps, cfg, device, tag="sft"):
         ids, labels = sft_batch(examples, cfg.batch_size, rng, device)
         with autocast(device):
             _, loss = model(ids, labels)  # mean over response tokens only: prompt labels are -1
-        optimizer_step(model, optimizer, loss, lr_at(step, steps, cfg.lr / 3, warmup=10))
+        optimizer_step(model, optimizer, loss, lr_at(step, steps, lr, warmup=10))
         history.append({"step": step, "loss": loss.item()})
         log(step, **{f"{tag}_loss": loss.item()}, ms=int(1000 * (time.time() - t0)))
     return history
@@ -284,7 +285,7 @@ def sft(cfg):
     before, before_texts = evaluate(model, prompts, cfg.max_new_tokens, device)
     before["val_loss"] = sft_val_loss(model, val, device)
     print(f"pretrained: {json.dumps(before)}\n  sample: {before_texts[0]!r}")
-    history = finetune(model, train, cfg.sft_steps, cfg, device)
+    history = finetune(model, train, cfg.sft_steps, cfg.lr / 3, cfg, device)  # fine-tuning: a third of the rate
     after, texts = evaluate(model, prompts, cfg.max_new_tokens, device)
     after["val_loss"] = sft_val_loss(model, val, device)
     print(f"sft: {json.dumps(after)}")

@@ -74,7 +74,7 @@ def test_finetune_lowers_the_loss(tmp_path):
     model = tiny_lm()
     cfg = tiny_cfg(tmp_path, lr=3e-2)
     before = sft.sft_val_loss(model, examples, "cpu")
-    history = sft.finetune(model, examples, 15, cfg, "cpu")
+    history = sft.finetune(model, examples, 15, 1e-2, cfg, "cpu")
     after = sft.sft_val_loss(model, examples, "cpu")
     assert len(history) == 15 and before == pytest.approx(math.log(model.config.vocab_size), abs=0.3)
     assert after < before - 1.0

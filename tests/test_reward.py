@@ -1,0 +1,317 @@
+"""reward.py: the Bradley-Terry loss and its gradient against hand-worked numbers, the labeller's preference rate
+against sigmoid((g_a - g_b) / tau), scores that ignore padding, a tiny reward model that learns a toy preference,
+labelled pairs, JSONL errors, best-of-N against a by-hand argmax and its KL against an exact computation, and the
+reward and rejection-sampling stages end to end on tiny configs."""
+import dataclasses
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import data
+import reward
+import sft
+from model import GPT, GPTConfig, ScalarHeadModel, load_model
+
+torch.set_num_threads(1)
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    # the tokenizer's exact vocabulary, so a random model never samples an id that cannot be decoded
+    return GPT(GPTConfig(vocab_size=data.tokenizer().n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32))
+
+
+def tiny_rm(seed=0):
+    torch.manual_seed(seed + 100)
+    return ScalarHeadModel.from_gpt(tiny_gpt(seed))
+
+
+def train_prompts(n, seed=0):
+    return [data.alpaca_prompt(i, x) for i, x in data.tasks("train", n, seed=seed)]
+
+
+# ----------------------------------------------------------------------------- the loss and the labeller
+
+def test_preference_loss_and_gradient_hand_worked():
+    # r_w  r_l   d = r_w - r_l   -log sigmoid(d) = log(1 + e^-d)   sigmoid(-d)
+    #  2    1     1               0.313262                         0.268941
+    #  0    0     0               0.693147 (log 2)                 0.5
+    # -1    1    -2               2.126928                         0.880797
+    # L = (0.313262 + 0.693147 + 2.126928) / 3 = 1.044446
+    # dL/dr_w = -sigmoid(-d) / B = (-0.089647, -0.166667, -0.293599), dL/dr_l = +sigmoid(-d) / B
+    chosen = torch.tensor([2.0, 0.0, -1.0], requires_grad=True)
+    rejected = torch.tensor([1.0, 0.0, 1.0], requires_grad=True)
+    loss = reward.preference_loss(chosen, rejected)
+    assert math.isclose(loss.item(), 1.044446, abs_tol=1e-6)
+    loss.backward()
+    expected = torch.tensor([0.089647, 0.166667, 0.293599])
+    assert torch.allclose(chosen.grad, -expected, atol=1e-6)
+    assert torch.allclose(rejected.grad, expected, atol=1e-6)
+    # only the difference matters: shifting both rewards by a constant changes nothing (the RM's scale is free)
+    assert math.isclose(reward.preference_loss(chosen + 5, rejected + 5).item(), loss.item(), rel_tol=1e-6)
+    # stable far from zero: -log sigmoid(-1000) = 1000, not inf
+    assert math.isclose(reward.preference_loss(torch.tensor([0.0]), torch.tensor([1000.0])).item(), 1000.0)
+
+
+def test_bt_label_rate_matches_sigmoid():
+    rng, n = random.Random(0), 4000
+    for tau in (0.25, 0.5, 1.0):
+        for diff in (-2.0, -0.5, 0.0, 0.5, 2.0):
+            g_b = 1.0
+            rate = sum(reward.bt_label(g_b + diff, g_b, tau, rng) for _ in range(n)) / n
+            p = 1 / (1 + math.exp(-diff / tau))
+            assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, (tau, diff, rate, p)
+
+
+def test_bt_label_nearly_noiseless_labeller():
+    # tau -> 0 is a labeller who always prefers the better response; exp(-d / tau) must not overflow on the way
+    rng = random.Random(0)
+    for _ in range(20):
+        assert reward.bt_label(1.0, -4.0, 1e-3, rng) is True
+        assert reward.bt_label(-4.0, 1.0, 1e-3, rng) is False
+
+
+# ----------------------------------------------------------------------------- scores and padding
+
+def test_rm_scores_ignore_padding():
+    rm = tiny_rm().eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(700, (n,), generator=g) for n in (5, 9, 2)]
+    with torch.no_grad():
+        alone = torch.stack([reward.rm_scores(rm, s[None], torch.ones(1, len(s), dtype=torch.bool))[0]
+                             for s in seqs])  # (3,) each row with no padding at all
+        # right padding (responses), with a pad id that is a real token, so only the mask can hide it
+        ids = data.pad_right(seqs, 42)
+        mask = data.pad_right([torch.ones(len(s), dtype=torch.bool) for s in seqs], False)
+        assert torch.allclose(reward.rm_scores(rm, ids, mask), alone, atol=1e-5)
+        assert not torch.allclose(rm(ids, mask)[:, -1], alone, atol=1e-3)  # the last column is not the answer
+        # left padding (prompts): positions count real tokens only
+        ids, mask = data.pad_left(seqs, 42)
+        assert torch.allclose(reward.rm_scores(rm, ids, mask), alone, atol=1e-5)
+        # both at once, as a left-padded prompt plus a right-padded response: 0 0 x x x x x 0 0
+        ids = torch.cat([torch.full((2,), 42), seqs[0], torch.full((2,), 42)])[None]
+        mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+        assert torch.allclose(reward.rm_scores(rm, ids, mask), alone[:1], atol=1e-5)
+
+
+def test_score_texts_batches_like_one_at_a_time():
+    rm = tiny_rm()
+    prompts = train_prompts(3)
+    responses = ["Tom was happy. The end.", "Sad.", "Lily the fox went to the park and found a red ball."]
+    batched = reward.score_texts(rm, prompts, responses, "cpu", batch_size=2)
+    for i in range(3):
+        assert math.isclose(batched[i].item(), reward.score_texts(rm, prompts[i:i + 1], responses[i:i + 1],
+                                                                  "cpu")[0].item(), abs_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------- a toy preference
+
+def happy_pairs(n, seed):
+    """Chosen says "happy" somewhere in a random sentence; rejected is the same sentence with another word there."""
+    rng = random.Random(seed)
+    others = ["tired", "quiet", "big", "red", "little", "old", "curious", "young"]
+    words = data.NAMES + data.ANIMALS + data.PLACES + data.OBJECTS
+    pairs = []
+    for prompt in train_prompts(n, seed=seed):
+        sentence = [rng.choice(words) for _ in range(rng.randint(4, 10))]
+        at = rng.randint(0, len(sentence))
+        chosen = " ".join(sentence[:at] + ["happy"] + sentence[at:]) + "."
+        rejected = " ".join(sentence[:at] + [rng.choice(others)] + sentence[at:]) + "."
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def test_reward_model_learns_a_toy_preference():
+    train_pairs, heldout = happy_pairs(200, seed=0), happy_pairs(64, seed=1)
+    flip = lambda pairs: [dict(p, chosen=p["rejected"], rejected=p["chosen"]) for p in pairs]
+    # a random RM may already lean one way on "happy", so it learns the preference and, from the same
+    # initialisation, its opposite: no initialisation can pass both
+    for train_pairs_, heldout_ in ((train_pairs, heldout), (flip(train_pairs), flip(heldout))):
+        rm = tiny_rm()
+        history = reward.train_reward_model(rm, train_pairs_, reward.Config(steps=30, batch_size=16, lr=1e-2, seed=0),
+                                            "cpu")
+        assert len(history) == 30 and history[-1]["loss"] < history[0]["loss"]
+        assert reward.pairwise_accuracy(rm, heldout_, "cpu") >= 0.9
+    # pairwise_accuracy by hand on a few pairs: the fraction where the chosen scores above the rejected
+    few = heldout_[:8]
+    chosen = reward.score_texts(rm, [p["prompt"] for p in few], [p["chosen"] for p in few], "cpu")
+    rejected = reward.score_texts(rm, [p["prompt"] for p in few], [p["rejected"] for p in few], "cpu")
+    assert reward.pairwise_accuracy(rm, few, "cpu") == sum(float(c > r) for c, r in zip(chosen, rejected)) / 8
+
+
+# ----------------------------------------------------------------------------- labelled pairs and files
+
+def test_label_pairs_one_per_prompt_and_agreement_from_gold():
+    policy = tiny_gpt()
+    prompts = train_prompts(16)
+    pairs, agreement = reward.label_pairs(policy, prompts, tau=0.5, max_new_tokens=8, device="cpu", seed=3)
+    torch.manual_seed(3)  # the same two samples per prompt
+    texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(2)], 8)
+    assert len(pairs) == len(prompts)
+    for i, (prompt, pair) in enumerate(zip(prompts, pairs)):
+        assert pair["prompt"] == prompt
+        assert sorted([pair["chosen"], pair["rejected"]]) == sorted(texts[2 * i:2 * i + 2])
+    # agreement: the fraction of pairs whose chosen is the gold-better one; ties count half
+    by_hand = []
+    for p in pairs:
+        gc, gr = data.gold_reward(p["prompt"], p["chosen"]), data.gold_reward(p["prompt"], p["rejected"])
+        by_hand.append(0.5 if gc == gr else float(gc > gr))
+    assert math.isclose(agreement, sum(by_hand) / len(by_hand))
+    assert 0 < sum(by_hand) < len(by_hand)  # distinct random samples: the gold human has an opinion
+
+
+def test_ensure_pairs_uses_the_reward_config_it_is_given(tmp_path, monkeypatch):
+    # `python reward.py --n_pairs=16 --tau=0.1` must label 16 pairs at tau 0.1, not the preset's defaults
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "model.pt").touch()  # ensure_stage only checks that the file exists
+    seen = {}
+
+    def fake_label_pairs(policy, prompts, tau, max_new_tokens, device, seed):
+        seen.update(n=len(prompts), tau=tau, max_new_tokens=max_new_tokens, seed=seed)
+        return [{"prompt": p, "chosen": "a", "rejected": "b"} for p in prompts], 1.0
+
+    monkeypatch.setattr(reward, "load_model", lambda path, device: None)
+    monkeypatch.setattr(reward, "label_pairs", fake_label_pairs)
+    cfg = reward.Config(out_dir=str(tmp_path), preset="cpu", device="cpu", n_pairs=16, tau=0.1, max_new_tokens=8,
+                        seed=5)
+    path = reward.ensure_pairs(cfg)
+    assert seen == dict(n=16, tau=0.1, max_new_tokens=8, seed=5)
+    assert len(reward.load_pairs(path)) == 16
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"prompt": "p", "chosen": "c", "rejected": "r"', "not valid JSON"),
+    ('{"prompt": "p", "chosen": "c"}', "missing key 'rejected'"),
+    ('{"prompt": "p", "chosen": 5, "rejected": "r"}', "'chosen' must be a string"),
+    ('["p", "c", "r"]', "expected a JSON object"),
+])
+def test_load_pairs_errors_name_the_line(tmp_path, bad, message):
+    good = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(f"{good}\n\n{bad}\n{good}\n")  # the blank line is skipped but still counted: bad is line 3
+    with pytest.raises(ValueError) as e:
+        reward.load_pairs(str(path))
+    assert f"{path}:3:" in str(e.value) and message in str(e.value)
+
+
+def test_load_pairs_round_trip(tmp_path):
+    pairs = happy_pairs(3, seed=0)
+    data.save_jsonl(str(tmp_path / "pairs.jsonl"), pairs)
+    assert reward.load_pairs(str(tmp_path / "pairs.jsonl")) == pairs
+
+
+# ----------------------------------------------------------------------------- best-of-N
+
+def test_best_of_n_picks_the_highest_scored_sample():
+    policy, rm = tiny_gpt(), tiny_rm(seed=1)
+    prompts, n = train_prompts(3), 4
+    torch.manual_seed(0)
+    best, groups, scores = reward.best_of_n(policy, rm, prompts, n, max_new_tokens=8, device="cpu")
+    assert len(best) == len(groups) == 3 and scores.shape == (3, n)
+    for prompt, group, row, b in zip(prompts, groups, scores, best):
+        assert len(group) == n
+        by_hand = reward.score_texts(rm, [prompt] * n, group, "cpu").tolist()  # one prompt at a time
+        assert torch.allclose(row, torch.tensor(by_hand), atol=1e-5)
+        assert len(set(by_hand)) > 1  # otherwise any pick would pass
+        assert b == group[max(range(n), key=lambda j: by_hand[j])]
+
+
+def test_best_of_n_kl_formula_is_exact_for_many_distinct_samples():
+    # a policy uniform over M responses of distinct reward: best-of-N picks the k-th worst with probability
+    # (k/M)^N - ((k-1)/M)^N, and KL(best-of-N || policy) -> log N - (N - 1) / N as M grows (Stiennon et al. 2020)
+    M = 100000
+    k = torch.arange(1, M + 1, dtype=torch.float64)
+    for N in (1, 2, 4, 8):
+        p = (k / M) ** N - ((k - 1) / M) ** N  # (M,)
+        kl = float((p * torch.log(p * M)).sum())
+        assert math.isclose(kl, math.log(N) - (N - 1) / N, abs_tol=1e-6)
+
+
+def test_best_of_n_curve():
+    policy, rm = tiny_gpt(), tiny_rm(seed=1)
+    prompts = train_prompts(3)
+    cfg = reward.Config(bon_max_n=4, max_new_tokens=8, seed=0)
+    curve = reward.best_of_n_curve(policy, rm, prompts, cfg, "cpu")
+    assert [c["n"] for c in curve] == [1, 2, 4]
+    # log N - (N - 1) / N:  N = 1: 0;  N = 2: 0.693147 - 0.5 = 0.193147;  N = 4: 1.386294 - 0.75 = 0.636294
+    for c, kl in zip(curve, [0.0, 0.193147, 0.636294]):
+        assert math.isclose(c["kl"], kl, abs_tol=1e-6)
+    rm_scores = [c["rm_score"] for c in curve]
+    assert rm_scores == sorted(rm_scores)  # the best of more samples (the first n of the same ones) scores higher
+    # N = 1 is a plain sample; N = 4 is the RM's pick of all four
+    torch.manual_seed(cfg.seed + 3)
+    _, groups, scores = reward.best_of_n(policy, rm, prompts, 4, 8, "cpu")
+    gold_1 = sum(data.gold_reward(p, g[0]) for p, g in zip(prompts, groups)) / 3
+    gold_4 = sum(data.gold_reward(p, g[int(s.argmax())]) for p, g, s in zip(prompts, groups, scores)) / 3
+    assert math.isclose(curve[0]["gold_reward"], gold_1) and math.isclose(curve[-1]["gold_reward"], gold_4)
+
+
+# ----------------------------------------------------------------------------- the stages, tiny
+
+def tiny_reward_cfg(out_dir, **overrides):
+    cfg = reward.Config(out_dir=str(out_dir), preset="cpu", device="cpu", n_pairs=16, n_eval_pairs=8, steps=3,
+                        batch_size=4, eval_prompts=4, bon_prompts=2, bon_max_n=4, max_new_tokens=16, rs_prompts=4,
+                        rs_n=2, rs_steps=2)
+    return dataclasses.replace(cfg, **overrides)
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    """pretrain -> sft -> pairs -> reward model, tiny, shared by the stage tests below."""
+    out = tmp_path_factory.mktemp("stages")
+    sft.sft(sft.Config(n_layer=1, n_head=2, n_embd=32, block_size=128, n_docs=100, n_demos=50, pretrain_steps=3,
+                       sft_steps=3, batch_size=4, eval_prompts=4, max_new_tokens=16, out_dir=str(out),
+                       preset="cpu", device="cpu"))
+    cfg = tiny_reward_cfg(out)
+    # the pairs ensure_pairs would label, written here so they follow cfg's n_pairs (see the ensure_pairs test)
+    policy = load_model(str(out / "sft" / "model.pt"))
+    prompts = train_prompts(cfg.n_pairs, seed=cfg.seed)
+    pairs, _ = reward.label_pairs(policy, prompts, cfg.tau, cfg.max_new_tokens, "cpu", cfg.seed)
+    data.save_jsonl(str(out / "reward" / "pairs.jsonl"), pairs)
+    return out, cfg, reward.train(cfg)
+
+
+def test_reward_end_to_end(reward_run):
+    out, cfg, metrics = reward_run
+    saved = json.loads((out / "reward" / "metrics.json").read_text())
+    for key in ("heldout_accuracy", "label_ceiling", "rm_gold_correlation"):
+        assert math.isfinite(saved[key]) and saved[key] == metrics[key]
+    assert 0 <= saved["heldout_accuracy"] <= 1 and -1 <= saved["rm_gold_correlation"] <= 1
+    assert [c["n"] for c in saved["best_of_n"]] == [1, 2, 4] and len(saved["history"]) == cfg.steps
+    rm = load_model(str(out / "reward" / "model.pt"))
+    policy = load_model(str(out / "sft" / "model.pt"))
+    assert isinstance(rm, ScalarHeadModel)
+    # the ceiling is the labeller's agreement with gold on the held-out pairs
+    _, ceiling = reward.label_pairs(policy, sft.eval_prompts(cfg.n_eval_pairs), cfg.tau, cfg.max_new_tokens, "cpu",
+                                    cfg.seed + 1)
+    assert saved["label_ceiling"] == ceiling
+    # centred: the saved RM scores the SFT samples it was centred on 0 on average
+    torch.manual_seed(cfg.seed + 2)
+    prompts = sft.eval_prompts(cfg.eval_prompts)
+    texts, *_ = sft.sample(policy, prompts, cfg.max_new_tokens)
+    scores = reward.score_texts(rm, prompts, texts, "cpu")
+    assert abs(scores.mean().item()) < 1e-4 and scores.std().item() > 1e-3  # centred, yet not all the same
+
+
+def test_rejection_sampling_with_no_steps_is_the_sft_model(reward_run):
+    out, cfg, _ = reward_run
+    metrics = reward.rejection_sampling(dataclasses.replace(cfg, stage="rejection", rs_steps=0))
+    assert metrics["kl"] == 0 and metrics["win_rate_vs_sft"] == 0.5
+    assert metrics["gold_reward"] == metrics["gold_reward_sft"]
+
+
+def test_rejection_sampling_end_to_end(reward_run):
+    out, cfg, _ = reward_run
+    metrics = reward.rejection_sampling(dataclasses.replace(cfg, stage="rejection"))
+    saved = json.loads((out / "rejection" / "metrics.json").read_text())
+    for key in ("gold_reward", "gold_reward_sft", "kl", "win_rate_vs_sft"):
+        assert math.isfinite(saved[key]) and saved[key] == metrics[key]
+    assert 0 <= saved["win_rate_vs_sft"] <= 1 and len(saved["history"]) == cfg.rs_steps
+    policy, sft_model = load_model(str(out / "rejection" / "model.pt")), load_model(str(out / "sft" / "model.pt"))
+    assert any(not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), sft_model.state_dict().values()))
+    # the SFT baseline is the SFT model's own evaluation on the same seed
+    before, _ = sft.evaluate(sft_model, sft.eval_prompts(cfg.eval_prompts), cfg.max_new_tokens, seed=cfg.seed)
+    assert saved["gold_reward_sft"] == before["gold_reward"]
