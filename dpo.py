@@ -75,7 +75,7 @@ class Config:
     """fraction of the prompts whose pairs are held out for the implicit reward's accuracy"""
     eval_every: int = 20
     """steps between held-out pair evaluations"""
-    eval_prompts: int = 128
+    eval_prompts: int = 256
     """held-out prompts for the gold-human evaluation"""
     max_new_tokens: int = 128
 

@@ -92,7 +92,7 @@ class Config:
     """subtracted from the score of a response that never emits EOS"""
     n_prompts: int = 4000
     """pool of training prompts (data.tasks "train", disjoint from the held-out ones)"""
-    eval_prompts: int = 128
+    eval_prompts: int = 256
     """held-out prompts for the gold-human evaluation"""
     sample_every: int = 10
     """print one rollout every this many steps"""

@@ -16,6 +16,7 @@ Run:  python reward.py                       (builds missing earlier stages; out
       python reward.py --data=my_pairs.jsonl (your own preference pairs)
 """
 import dataclasses
+import itertools
 import math
 import os
 import random
@@ -41,19 +42,21 @@ class Config:
     """cpu, gpu, or auto (gpu when CUDA is available)"""
     device: str = "auto"
     seed: int = 1337
-    n_pairs: int = 2000
-    """training prompts, one labelled pair of SFT samples each"""
-    n_eval_pairs: int = 256
+    n_prompts: int = 1000
+    """training prompts for the preference data"""
+    k: int = 4
+    """SFT samples per training prompt; all k(k-1)/2 pairs of them are labelled"""
+    n_eval_pairs: int = 512
     """held-out pairs, on evaluation prompts"""
     tau: float = 0.5
     """labeller temperature in P(a > b) = sigmoid((g(a) - g(b)) / tau); smaller is less noisy"""
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 32
     """pairs per step"""
     lr: float = 5e-4
     weight_decay: float = 0.1
     max_new_tokens: int = 128
-    eval_prompts: int = 128
+    eval_prompts: int = 256
     """held-out prompts for the RM-gold correlation and the evaluations"""
     bon_prompts: int = 64
     """held-out prompts for the best-of-N curve"""
@@ -66,7 +69,7 @@ class Config:
     """rejection sampling: fine-tuning steps on the best-of-N samples"""
 
 
-PRESETS = {"cpu": {}, "gpu": dict(n_pairs=10000, n_eval_pairs=1024, steps=600, batch_size=64, eval_prompts=512,
+PRESETS = {"cpu": {}, "gpu": dict(n_prompts=8000, n_eval_pairs=1024, steps=600, batch_size=64, eval_prompts=512,
                                   bon_prompts=256, bon_max_n=256, rs_prompts=4096, rs_n=16, rs_steps=400)}
 
 
@@ -115,18 +118,20 @@ def score_texts(rm, prompts, responses, device, batch_size=64):
 
 # ----------------------------------------------------------------------------- preference pairs
 
-def label_pairs(policy, prompts, tau, max_new_tokens, device, seed):
-    """Two samples per prompt, labelled by the simulated human. Returns (pairs, agreement with the gold order)."""
+def label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k=2):
+    """k samples per prompt and every one of their k(k-1)/2 pairs labelled by the simulated human (InstructGPT
+    ranks K = 4 to 9 responses per prompt: many comparisons for few samples). Returns (pairs, agreement of the
+    labels with the gold order, ties counted half)."""
     torch.manual_seed(seed)
-    texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(2)], max_new_tokens, device=device,
+    texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(k)], max_new_tokens, device=device,
                            batch_size=128)
     rng, pairs, agree = random.Random(seed), [], []
     for i, prompt in enumerate(prompts):
-        a, b = texts[2 * i], texts[2 * i + 1]
-        ga, gb = data.gold_reward(prompt, a), data.gold_reward(prompt, b)
-        chosen, rejected = (a, b) if bt_label(ga, gb, tau, rng) else (b, a)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        agree.append(0.5 if ga == gb else float((ga > gb) == (chosen == a)))
+        for a, b in itertools.combinations(texts[k * i:k * (i + 1)], 2):
+            ga, gb = data.gold_reward(prompt, a), data.gold_reward(prompt, b)
+            chosen, rejected = (a, b) if bt_label(ga, gb, tau, rng) else (b, a)
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            agree.append(0.5 if ga == gb else float((ga > gb) == (chosen == a)))
     return pairs, sum(agree) / len(agree)
 
 
@@ -142,9 +147,9 @@ def ensure_pairs(cfg):
         device = pick_device(cfg.device)
         policy = load_model(sft.ensure_stage("sft", cfg), device)
         rcfg = reward_config(cfg)
-        prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", rcfg.n_pairs, seed=rcfg.seed)]
+        prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", rcfg.n_prompts, seed=rcfg.seed)]
         t0 = time.time()
-        pairs, agreement = label_pairs(policy, prompts, rcfg.tau, rcfg.max_new_tokens, device, rcfg.seed)
+        pairs, agreement = label_pairs(policy, prompts, rcfg.tau, rcfg.max_new_tokens, device, rcfg.seed, rcfg.k)
         data.save_jsonl(path, pairs)
         print(f"labelled {len(pairs)} pairs in {time.time() - t0:.0f}s; agreement with gold {agreement:.3f}")
     return path

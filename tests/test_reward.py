@@ -154,6 +154,15 @@ def test_label_pairs_one_per_prompt_and_agreement_from_gold():
     for i, (prompt, pair) in enumerate(zip(prompts, pairs)):
         assert pair["prompt"] == prompt
         assert sorted([pair["chosen"], pair["rejected"]]) == sorted(texts[2 * i:2 * i + 2])
+    # k = 3 samples per prompt: all 3 pairs of them, each drawn from that prompt's own samples
+    pairs3, _ = reward.label_pairs(policy, prompts[:4], tau=0.5, max_new_tokens=8, device="cpu", seed=3, k=3)
+    torch.manual_seed(3)
+    texts3, *_ = sft.sample(policy, [p for p in prompts[:4] for _ in range(3)], 8)
+    assert len(pairs3) == 4 * 3
+    for j, pair in enumerate(pairs3):
+        i = j // 3
+        assert pair["prompt"] == prompts[i]
+        assert {pair["chosen"], pair["rejected"]} <= set(texts3[3 * i:3 * i + 3])
     # agreement: the fraction of pairs whose chosen is the gold-better one; ties count half
     by_hand = []
     for p in pairs:
@@ -164,21 +173,21 @@ def test_label_pairs_one_per_prompt_and_agreement_from_gold():
 
 
 def test_ensure_pairs_uses_the_reward_config_it_is_given(tmp_path, monkeypatch):
-    # `python reward.py --n_pairs=16 --tau=0.1` must label 16 pairs at tau 0.1, not the preset's defaults
+    # `python reward.py --n_prompts=16 --k=3 --tau=0.1` must label 16 prompts at tau 0.1, not the preset's defaults
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "model.pt").touch()  # ensure_stage only checks that the file exists
     seen = {}
 
-    def fake_label_pairs(policy, prompts, tau, max_new_tokens, device, seed):
-        seen.update(n=len(prompts), tau=tau, max_new_tokens=max_new_tokens, seed=seed)
+    def fake_label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k):
+        seen.update(n=len(prompts), tau=tau, max_new_tokens=max_new_tokens, seed=seed, k=k)
         return [{"prompt": p, "chosen": "a", "rejected": "b"} for p in prompts], 1.0
 
     monkeypatch.setattr(reward, "load_model", lambda path, device: None)
     monkeypatch.setattr(reward, "label_pairs", fake_label_pairs)
-    cfg = reward.Config(out_dir=str(tmp_path), preset="cpu", device="cpu", n_pairs=16, tau=0.1, max_new_tokens=8,
-                        seed=5)
+    cfg = reward.Config(out_dir=str(tmp_path), preset="cpu", device="cpu", n_prompts=16, k=3, tau=0.1,
+                        max_new_tokens=8, seed=5)
     path = reward.ensure_pairs(cfg)
-    assert seen == dict(n=16, tau=0.1, max_new_tokens=8, seed=5)
+    assert seen == dict(n=16, tau=0.1, max_new_tokens=8, seed=5, k=3)
     assert len(reward.load_pairs(path)) == 16
 
 
@@ -252,7 +261,7 @@ def test_best_of_n_curve():
 # ----------------------------------------------------------------------------- the stages, tiny
 
 def tiny_reward_cfg(out_dir, **overrides):
-    cfg = reward.Config(out_dir=str(out_dir), preset="cpu", device="cpu", n_pairs=16, n_eval_pairs=8, steps=3,
+    cfg = reward.Config(out_dir=str(out_dir), preset="cpu", device="cpu", n_prompts=8, k=3, n_eval_pairs=8, steps=3,
                         batch_size=4, eval_prompts=4, bon_prompts=2, bon_max_n=4, max_new_tokens=16, rs_prompts=4,
                         rs_n=2, rs_steps=2)
     return dataclasses.replace(cfg, **overrides)
@@ -266,12 +275,7 @@ def reward_run(tmp_path_factory):
                        sft_steps=3, batch_size=4, eval_prompts=4, max_new_tokens=16, out_dir=str(out),
                        preset="cpu", device="cpu"))
     cfg = tiny_reward_cfg(out)
-    # the pairs ensure_pairs would label, written here so they follow cfg's n_pairs (see the ensure_pairs test)
-    policy = load_model(str(out / "sft" / "model.pt"))
-    prompts = train_prompts(cfg.n_pairs, seed=cfg.seed)
-    pairs, _ = reward.label_pairs(policy, prompts, cfg.tau, cfg.max_new_tokens, "cpu", cfg.seed)
-    data.save_jsonl(str(out / "reward" / "pairs.jsonl"), pairs)
-    return out, cfg, reward.train(cfg)
+    return out, cfg, reward.train(cfg)  # labels the pairs itself, with cfg's n_prompts and k
 
 
 def test_reward_end_to_end(reward_run):
