@@ -50,7 +50,7 @@ class Config:
     """held-out pairs, on evaluation prompts"""
     tau: float = 0.5
     """labeller temperature in P(a > b) = sigmoid((g(a) - g(b)) / tau); smaller is less noisy"""
-    steps: int = 200
+    steps: int = 160
     batch_size: int = 32
     """pairs per step"""
     lr: float = 5e-4
@@ -58,7 +58,7 @@ class Config:
     max_new_tokens: int = 128
     eval_prompts: int = 256
     """held-out prompts for the RM-gold correlation and the evaluations"""
-    bon_prompts: int = 64
+    bon_prompts: int = 32
     """held-out prompts for the best-of-N curve"""
     bon_max_n: int = 64
     """best-of-N for N = 1, 2, 4, ..., bon_max_n"""

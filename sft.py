@@ -54,7 +54,7 @@ class Config:
     """stories in the generated pretraining corpus"""
     n_demos: int = 4000
     """generated SFT demonstrations"""
-    pretrain_steps: int = 450
+    pretrain_steps: int = 400
     sft_steps: int = 200
     batch_size: int = 32
     lr: float = 3e-3

@@ -58,7 +58,7 @@ class Config:
     """add best-of-N from out/reward/metrics.json (reward.best_of_n_curve, N = 1, 2, 4, ..., bon_max_n)"""
     overopt_kl_coef: float = 0.0
     """beta of the over-optimisation run: 0 lets the policy drift as far as the reward model pulls it"""
-    overopt_steps: int = 120
+    overopt_steps: int = 100
     """PPO steps of the over-optimisation run; 0 skips it"""
     steps: int = 0
     """steps of every PPO and DPO sweep run; 0 keeps each stage's preset"""
