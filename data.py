@@ -146,11 +146,13 @@ def random_task(rng):
 def tasks(split, n, seed=0):
     """n distinct (instruction, input) pairs from one split ("train" or "eval")."""
     rng, seen = random.Random(seed), {}
-    while len(seen) < n:
+    for _ in range(100 * n + 100000):  # enough draws to find every prompt the grammar has
+        if len(seen) == n:
+            return list(seen)
         task = random_task(rng)
         if split_of(*task) == split:
             seen[task] = None
-    return list(seen)
+    raise ValueError(f"asked for {n} distinct {split!r} prompts; the world has about {len(seen)}")
 
 
 def requested(prompt):

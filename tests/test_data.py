@@ -212,3 +212,9 @@ def test_load_corpus(tmp_path):
     with pytest.raises(ValueError) as e:
         data.load_corpus(str(path))
     assert f"{path}:3:" in str(e.value) and "UTF-8" in str(e.value)
+
+
+def test_asking_for_more_prompts_than_exist_is_an_error():
+    # the eval split holds about 3.7k distinct prompts; asking for more must fail, not loop forever
+    with pytest.raises(ValueError, match="distinct 'eval' prompts"):
+        data.tasks("eval", 5000)

@@ -2,6 +2,7 @@
 statistics, and properties (causality, KV cache = recompute, padding changes nothing, checkpoints round-trip)."""
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -260,3 +261,35 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         load_checkpoint(str(tmp_path / "nowhere.pt"))
+
+
+# ----------------------------------------------------------------------------- the CUDA path falls back on CPU
+
+def test_cpu_path_runs_in_fp32_and_cuda_path_in_bf16(monkeypatch):
+    import sft
+    from model import autocast, pick_device, to_device
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(0, 50, (2, 8))
+    with autocast("cpu"):
+        logits, _ = model(x)
+    assert logits.dtype == torch.float32  # no autocast on CPU: bf16 matmuls are slow there
+    with warnings.catch_warnings():  # without CUDA, torch warns that this autocast would be disabled
+        warnings.simplefilter("ignore")
+        assert autocast("cuda").fast_dtype == torch.bfloat16
+    assert to_device(x, "cpu") is x  # no pinning, no copy
+    assert not sft.make_optimizer(model, 1e-3, 0.1, "cpu").defaults["fused"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == "cuda"
+
+
+@pytest.mark.parametrize("cuda, preset", [(False, "cpu"), (True, "gpu")])
+def test_auto_preset_follows_cuda(monkeypatch, cuda, preset):
+    import sft
+    from model import parse_config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg = parse_config(sft.Config, [], sft.PRESETS)
+    assert cfg.preset == preset
+    assert cfg.n_embd == (sft.PRESETS["gpu"]["n_embd"] if cuda else sft.Config().n_embd)
+    assert parse_config(sft.Config, ["--n_embd=64"], sft.PRESETS).n_embd == 64  # a flag beats the preset
