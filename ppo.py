@@ -72,11 +72,11 @@ class Config:
     critic_lr: float = 1e-4
     """critic learning rate (constant)"""
     max_grad_norm: float = 1.0
-    kl_coef: float = 0.05
+    kl_coef: float = 0.3
     """beta in r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) + score * [t = last]"""
     adaptive_kl: bool = False
     """adapt beta towards target_kl (Ziegler et al. 2019, section 2.2); False keeps beta fixed (InstructGPT)"""
-    target_kl: float = 6.0
+    target_kl: float = 2.0
     """KL_target: the sequence KL the adaptive controller aims for (nats)"""
     kl_horizon: int = 1000
     """horizon H of the adaptive controller in rollouts (Ziegler et al. used 10000 over far longer runs)"""
