@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import data
 import reward
 import sft
-from model import autocast, load_model, parse_config, pick_device, save_checkpoint, token_logprobs
+from model import autocast, load_model, parse_config, pick_device, save_checkpoint, to_device, token_logprobs
 
 
 @dataclass
@@ -146,7 +146,7 @@ def collate(pairs_t, device):
     examples = [c for c, _ in pairs_t] + [r for _, r in pairs_t]
     ids = data.pad_right([e[0] for e in examples], data.special(data.PAD))  # (2B, T)
     labels = data.pad_right([e[1] for e in examples], -1)  # (2B, T)
-    return ids.to(device), labels.to(device)
+    return to_device(ids, device), to_device(labels, device)
 
 
 def split_by_prompt(pairs, val_frac, seed):

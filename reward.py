@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import data
 import sft
-from model import ScalarHeadModel, autocast, load_model, parse_config, pick_device, save_checkpoint
+from model import ScalarHeadModel, autocast, load_model, parse_config, pick_device, save_checkpoint, to_device
 
 
 @dataclass
@@ -112,7 +112,7 @@ def score_texts(rm, prompts, responses, device, batch_size=64):
     for i in range(0, len(prompts), batch_size):
         ids, mask = tokenize_responses(prompts[i:i + batch_size], responses[i:i + batch_size])
         with autocast(device):
-            out.append(rm_scores(rm, ids.to(device), mask.to(device)).float().cpu())
+            out.append(rm_scores(rm, to_device(ids, device), to_device(mask, device)).float().cpu())
     return torch.cat(out)
 
 
@@ -184,7 +184,7 @@ def train_reward_model(rm, pairs, cfg, device):
         # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
         ids, mask = tokenize_responses(prompts * 2, [p["chosen"] for p in batch] + [p["rejected"] for p in batch])
         with autocast(device):
-            scores = rm_scores(rm, ids.to(device), mask.to(device))  # (2B,)
+            scores = rm_scores(rm, to_device(ids, device), to_device(mask, device))  # (2B,)
         chosen_rewards, rejected_rewards = scores.float().chunk(2)  # (B,), (B,)
         loss = preference_loss(chosen_rewards, rejected_rewards)
         sft.optimizer_step(rm, optimizer, loss, sft.lr_at(step, cfg.steps, cfg.lr, warmup=10))
