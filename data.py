@@ -214,7 +214,7 @@ def gold_reward(prompt, response):
 # classes so Python's re and tiktoken split alike; other characters fall to the punctuation class as bytes)
 PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
 EOT, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
-VOCAB_SIZE = 1024  # at most 256 bytes + merges + 3 specials; on our corpus BPE runs out of pairs at 741
+VOCAB_SIZE = 1024  # at most 256 bytes + merges + 3 specials; on our corpus BPE runs out of pairs at 744
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "tokenizer")
 
 
