@@ -29,7 +29,6 @@ Departures from the paper:
 Run:  python dpo.py [--loss_type=ipo] [--label_smoothing=0.1] [--data=my_pairs.jsonl]
       (builds out/pretrain, out/sft and the preference pairs first if they are missing)
 """
-import json
 import os
 import random
 import time
@@ -257,20 +256,17 @@ def train(cfg, policy=None, ref=None):
 
     # the gold human on held-out prompts, against the SFT model's samples of the same prompts
     prompts = sft.eval_prompts(cfg.eval_prompts)
-    before, sft_texts = sft.evaluate(ref, prompts, cfg.max_new_tokens, device, seed=cfg.seed)
-    after, texts = sft.evaluate(policy, prompts, cfg.max_new_tokens, device, ref=ref, seed=cfg.seed)
+    metrics, texts, sft_texts = sft.compare_with_sft(policy, ref, prompts, cfg.max_new_tokens, device, cfg.seed)
     last = history[-10:]  # implicit-reward accuracy and margin on the last 10 training batches
-    metrics = {**after, "gold_reward_sft": before["gold_reward"],
-               "win_rate_vs_sft": sft.win_rate(prompts, texts, sft_texts),
-               **{k: sum(h[k] for h in last) / len(last) for k in ("reward_accuracy", "reward_margin")}}
+    metrics.update({k: sum(h[k] for h in last) / len(last) for k in ("reward_accuracy", "reward_margin")})
     metrics.update({k: v for k, v in history[-1].items() if k.startswith("val_")})  # held-out pairs, final step
-    print(f"dpo: {json.dumps(metrics)}")
+    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     for p, t, s in list(zip(prompts, texts, sft_texts))[:3]:
         print(f"--- {p.split('### Instruction:')[-1].split('### Response:')[0].strip()!r}\n"
               f"dpo ({data.gold_reward(p, t):+.2f}): {t}\nsft ({data.gold_reward(p, s):+.2f}): {s}")
     out = os.path.join(cfg.out_dir, "dpo")
     save_checkpoint(os.path.join(out, "model.pt"), policy, step=cfg.steps)
-    metrics.update(sft=before, config=asdict(cfg), history=history)
+    metrics.update(config=asdict(cfg), history=history)
     sft.write_metrics(out, metrics)
     return metrics
 

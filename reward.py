@@ -283,12 +283,9 @@ def rejection_sampling(cfg):
     examples = data.sft_tensors(demos, policy.config.block_size)
     history = sft.finetune(policy, examples, cfg.rs_steps, cfg.lr, cfg, device, tag="rs")
     eval_prompts = sft.eval_prompts(cfg.eval_prompts)
-    before, sft_texts = sft.evaluate(sft_model, eval_prompts, cfg.max_new_tokens, device, seed=cfg.seed)
-    after, texts = sft.evaluate(policy, eval_prompts, cfg.max_new_tokens, device, ref=sft_model, seed=cfg.seed)
-    metrics = {"gold_reward": after["gold_reward"], "gold_reward_sft": before["gold_reward"], "kl": after["kl"],
-               "win_rate_vs_sft": sft.win_rate(eval_prompts, texts, sft_texts), "train_gold_best_of_n":
-               sum(data.gold_reward(p, b) for p, b in zip(prompts, best)) / len(best)}
-    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    metrics, _, _ = sft.compare_with_sft(policy, sft_model, eval_prompts, cfg.max_new_tokens, device, cfg.seed)
+    metrics["train_gold_best_of_n"] = sum(data.gold_reward(p, b) for p, b in zip(prompts, best)) / len(best)
+    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     out = os.path.join(cfg.out_dir, "rejection")
     save_checkpoint(os.path.join(out, "model.pt"), policy, step=cfg.rs_steps)
     sft.write_metrics(out, {**metrics, "config": asdict(cfg), "history": history})
