@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass
 
