@@ -318,17 +318,18 @@ def mlm_mask(x, mask_id, n_normal, rng, p=0.15):
     return inputs, targets
 
 
+def example_tensors(prompt, response, block_size):
+    """One training example from token lists: ids = prompt + response, labels -1 on the prompt so a loss covers
+    the response only, cut to block_size. Returns (ids, labels) 1-d tensors; labels[t] is the token after ids[t]."""
+    ids, labels = (prompt + response)[:block_size + 1], ([-1] * len(prompt) + response)[:block_size + 1]
+    return torch.tensor(ids[:-1]), torch.tensor(labels[1:])
+
+
 def sft_tensors(examples, block_size):
-    """Tokenize {"instruction","input","output"} records as prompt + output + EOT. Labels are -1 on prompt tokens,
-    so the loss covers the response only. Returns a list of (ids, labels) 1-d tensors, cut to block_size."""
-    eot, out = special(EOT), []
-    for ex in examples:
-        prompt = encode(alpaca_prompt(ex["instruction"], ex.get("input", "")))
-        response = encode(ex["output"]) + [eot]
-        ids = (prompt + response)[:block_size + 1]
-        labels = ([-1] * len(prompt) + response)[:block_size + 1]
-        out.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))  # labels[t] is the token after ids[t]
-    return out
+    """Tokenize {"instruction","input","output"} records as prompt + output + EOT (example_tensors)."""
+    eot = special(EOT)
+    return [example_tensors(encode(alpaca_prompt(ex["instruction"], ex.get("input", ""))),
+                            encode(ex["output"]) + [eot], block_size) for ex in examples]
 
 
 def pad_right(seqs, value):

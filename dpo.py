@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import data
 import reward
 import sft
-from model import autocast, load_model, parse_config, pick_device, save_checkpoint, to_device, token_logprobs
+from model import autocast, load_model, parse_config, pick_device, save_checkpoint, to_device
 
 
 @dataclass
@@ -111,32 +111,17 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, chosen_rewards, rejected_rewards
 
 
-def sequence_logps(model, ids, labels):
-    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens: ids (B, T), labels (B, T) ->
-    (B,). labels[b, t] is the token that follows ids[b, t], -1 on prompt and padding (data.sft_tensors' layout).
-    Padding is on the right, so a causal model's real positions never see it."""
-    logits, _ = model(ids)  # (B, T, V)
-    logprobs = token_logprobs(logits, labels.clamp(min=0))  # (B, T)
-    return (logprobs * (labels != -1)).sum(1)  # (B,)
-
-
 # ----------------------------------------------------------------------------- the pairs
 
 def pair_tensors(pairs, block_size):
     """Tokenize each {"prompt", "chosen", "rejected"} record as two examples prompt + response + EOT, labels -1
     on the prompt, cut to block_size. Returns a list of ((ids, labels) chosen, (ids, labels) rejected)."""
     eot = data.special(data.EOT)
-
-    def example(prompt, response):
-        ids, labels = prompt + response, [-1] * len(prompt) + response
-        ids, labels = ids[:block_size + 1], labels[:block_size + 1]
-        return torch.tensor(ids[:-1]), torch.tensor(labels[1:])  # labels[t] is the token after ids[t]
-
     out = []
     for p in pairs:
         prompt = data.encode(p["prompt"])
-        out.append((example(prompt, data.encode(p["chosen"]) + [eot]),
-                    example(prompt, data.encode(p["rejected"]) + [eot])))
+        out.append((data.example_tensors(prompt, data.encode(p["chosen"]) + [eot], block_size),
+                    data.example_tensors(prompt, data.encode(p["rejected"]) + [eot], block_size)))
     return out
 
 
@@ -164,7 +149,7 @@ def reference_logps(ref, pairs_t, device, batch_size=64):
     for i in range(0, len(pairs_t), batch_size):
         ids, labels = collate(pairs_t[i:i + batch_size], device)  # (2B, T)
         with autocast(device):
-            logps = sequence_logps(ref, ids, labels)  # (2B,)
+            logps = sft.sequence_logps(ref, ids, labels)  # (2B,)
         out.append(torch.stack(logps.chunk(2), dim=1))  # (B, 2)
     return torch.cat(out)
 
@@ -178,7 +163,7 @@ def pair_stats(policy, pairs_t, ref_logps, cfg, device, batch_size=64):
         for i in range(0, len(pairs_t), batch_size):
             ids, labels = collate(pairs_t[i:i + batch_size], device)
             with autocast(device):
-                chosen, rejected = sequence_logps(policy, ids, labels).chunk(2)  # (B,), (B,)
+                chosen, rejected = sft.sequence_logps(policy, ids, labels).chunk(2)  # (B,), (B,)
             ref = ref_logps[i:i + batch_size]  # (B, 2)
             l, cr, rr = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing,
                                  cfg.loss_type)
@@ -206,7 +191,7 @@ def optimize(policy, train_t, train_ref, cfg, device, val_t=(), val_ref=None):
         ref = train_ref[idx.to(train_ref.device)]  # (B, 2)
         # 2. log pi(y_w|x) and log pi(y_l|x) in one forward
         with autocast(device):
-            chosen_logps, rejected_logps = sequence_logps(policy, ids, labels).chunk(2)  # (B,), (B,)
+            chosen_logps, rejected_logps = sft.sequence_logps(policy, ids, labels).chunk(2)  # (B,), (B,)
         # 3. the preference loss, averaged over pairs
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, ref[:, 0], ref[:, 1],
                                                             cfg.beta, cfg.label_smoothing, cfg.loss_type)

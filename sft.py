@@ -142,20 +142,26 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, batch_size=64, devic
     return texts, prompt_ids, response_ids, ended
 
 
+def sequence_logps(model, ids, labels):
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens: ids (B, T), labels (B, T) ->
+    (B,). labels[b, t] is the token that follows ids[b, t], -1 on prompt and padding (data.example_tensors' layout).
+    Padding is on the right, so a causal model's real positions never see it."""
+    logits, _ = model(ids)  # (B, T, V)
+    logprobs = token_logprobs(logits, labels.clamp(min=0))  # (B, T)
+    return (logprobs * (labels != -1)).sum(1)  # (B,)
+
+
 @torch.no_grad()
 def sequence_logprobs(model, prompt_ids, response_ids, device="cpu", batch_size=64):
-    """log pi(y | x) summed over each response's tokens: (N,)."""
+    """log pi(y | x) of token lists: (N,)."""
     out = []
     for i in range(0, len(prompt_ids), batch_size):
-        seqs = [torch.cat([p, r]) for p, r in zip(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size])]
-        ids = data.pad_right(seqs, 0).to(device)
-        mask = torch.zeros_like(ids, dtype=torch.bool)  # 1 where the target token belongs to the response
-        for b, (p, r) in enumerate(zip(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size])):
-            mask[b, len(p) - 1:len(p) + len(r) - 1] = True
+        examples = [data.example_tensors(p.tolist(), r.tolist(), model.config.block_size)
+                    for p, r in zip(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size])]
+        ids = to_device(data.pad_right([e[0] for e in examples], data.special(data.PAD)), device)  # (B, T)
+        labels = to_device(data.pad_right([e[1] for e in examples], -1), device)  # (B, T)
         with autocast(device):
-            logits, _ = model(ids)
-        logprobs = token_logprobs(logits[:, :-1], ids[:, 1:])  # (B, T-1)
-        out.append((logprobs * mask[:, :-1]).sum(1).cpu())
+            out.append(sequence_logps(model, ids, labels).float().cpu())
     return torch.cat(out)
 
 

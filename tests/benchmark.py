@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import sft  # noqa: E402
-from model import GPT, GPTConfig, ScalarHeadModel, autocast, parse_config, pick_device  # noqa: E402
+from model import GPT, GPTConfig, ScalarHeadModel, autocast, parse_config, pick_device, to_device  # noqa: E402
 
 
 @dataclass
@@ -184,7 +184,7 @@ def bench_pretrain(gcfg, cfg, device):
 
     def step():  # sft.pretrain's step
         x, y = data.lm_batch(stream, gcfg.block_size, cfg.batch_size, rng)  # (B, T), (B, T)
-        x, y = x.to(device), y.to(device)
+        x, y = to_device(x, device), to_device(y, device)
         with autocast(device):
             _, loss = step_model(x, y)
         sft.optimizer_step(model, optimizer, loss, 1e-4)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import data
 import dpo
+import sft
 from model import GPT, GPTConfig, save_checkpoint
 
 torch.set_num_threads(1)
@@ -95,7 +96,7 @@ def test_sequence_logps_matches_one_at_a_time_loop():
     pairs = toy_pairs()[:3]
     pairs[1]["chosen"] = "Lily the cat went to the park and found a red ball. She was very happy. The end."
     ids, labels = dpo.collate(dpo.pair_tensors(pairs, model.config.block_size), "cpu")  # (6, T)
-    got = dpo.sequence_logps(model, ids, labels)  # (6,) chosen 0..2, rejected 3..5
+    got = sft.sequence_logps(model, ids, labels)  # (6,) chosen 0..2, rejected 3..5
     eot = data.special(data.EOT)
     with torch.no_grad():
         for k, key in enumerate(["chosen", "rejected"]):
@@ -115,7 +116,7 @@ def test_gradient_matches_paper_formula_through_the_model():
     # a reference the policy disagrees with by a different amount on each pair, so the weights differ
     ref = dpo.reference_logps(policy, pairs_t, "cpu") + torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [-2.0, 1.0]])
     ids, labels = dpo.collate(pairs_t, "cpu")
-    chosen, rejected = dpo.sequence_logps(policy, ids, labels).chunk(2)
+    chosen, rejected = sft.sequence_logps(policy, ids, labels).chunk(2)
     losses, cr, rr = dpo.dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)
     params = [p for p in policy.parameters()]
     grads = torch.autograd.grad(losses.mean(), params, retain_graph=True)
