@@ -67,8 +67,8 @@ class Config:
     """minibatches per epoch; each holds batch_size / n_minibatches rollouts"""
     max_new_tokens: int = 128
     """longest response; one without EOS by then is penalised"""
-    lr: float = 3e-5
-    """policy learning rate (constant)"""
+    lr: float = 1e-4
+    """policy learning rate (constant); at 3e-5 an update barely moved the policy (approx_kl 7e-5, no clipping)"""
     critic_lr: float = 1e-4
     """critic learning rate (constant)"""
     max_grad_norm: float = 1.0
