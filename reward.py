@@ -165,10 +165,35 @@ def reward_config(cfg):
 
 # ----------------------------------------------------------------------------- training
 
+def pair_scores(rm, pairs, device):
+    """RM scores of the chosen and of the rejected responses: (N,), (N,)."""
+    prompts = [p["prompt"] for p in pairs]
+    return (score_texts(rm, prompts, [p["chosen"] for p in pairs], device),
+            score_texts(rm, prompts, [p["rejected"] for p in pairs], device))
+
+
 def pairwise_accuracy(rm, pairs, device):
-    chosen = score_texts(rm, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], device)
-    rejected = score_texts(rm, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], device)
+    chosen, rejected = pair_scores(rm, pairs, device)
     return float((chosen > rejected).float().mean())
+
+
+def accuracy_by_term(pairs, chosen_scores, rejected_scores):
+    """Which gold term decides each pair (its difference is the largest), and on the pairs each term decides, how
+    often the reward model and the labels agree with the gold order. Pairs the gold human ties are left out.
+    Returns {term: {"pairs": n, "rm": agreement, "labels": agreement}}: where a reward model is blind."""
+    rows = {}
+    for p, r_w, r_l in zip(pairs, chosen_scores, rejected_scores):
+        t_w, t_l = data.gold_terms(p["prompt"], p["chosen"]), data.gold_terms(p["prompt"], p["rejected"])
+        diff = {k: t_w[k] - t_l[k] for k in t_w}
+        gap = sum(diff.values())  # g(chosen) - g(rejected): > 0 when the label agrees with the gold order
+        if gap == 0:
+            continue
+        row = rows.setdefault(max(diff, key=lambda k: abs(diff[k])), {"pairs": 0, "rm": 0, "labels": 0})
+        row["pairs"] += 1
+        row["rm"] += (float(r_w) > float(r_l)) == (gap > 0)
+        row["labels"] += gap > 0
+    return {k: {"pairs": v["pairs"], "rm": v["rm"] / v["pairs"], "labels": v["labels"] / v["pairs"]}
+            for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["pairs"])}
 
 
 def train_reward_model(rm, pairs, cfg, device):
@@ -218,9 +243,14 @@ def train(cfg):
     with torch.no_grad():
         rm.head.bias -= scores.mean().to(rm.head.bias.device)
     gold = [data.gold_reward(p, t) for p, t in zip(prompts, texts)]
-    metrics = {"heldout_accuracy": pairwise_accuracy(rm, eval_pairs, device), "label_ceiling": ceiling,
+    chosen, rejected = pair_scores(rm, eval_pairs, device)
+    metrics = {"heldout_accuracy": float((chosen > rejected).float().mean()), "label_ceiling": ceiling,
                "rm_gold_correlation": pearson(scores, gold), "train_accuracy": history[-1]["accuracy"]}
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    metrics["heldout_by_term"] = accuracy_by_term(eval_pairs, chosen, rejected)
+    for term, row in metrics["heldout_by_term"].items():
+        print(f"  pairs decided by {term:8s} {row['pairs']:4d} | reward model agrees with gold {row['rm']:.3f} | "
+              f"labels {row['labels']:.3f}")
     metrics["best_of_n"] = best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device)
     out = os.path.join(cfg.out_dir, "reward")
     save_checkpoint(os.path.join(out, "model.pt"), rm, step=cfg.steps)

@@ -319,3 +319,17 @@ def test_rejection_sampling_end_to_end(reward_run):
     # the SFT baseline is the SFT model's own evaluation on the same seed
     before, _ = sft.evaluate(sft_model, sft.eval_prompts(cfg.eval_prompts), cfg.max_new_tokens, seed=cfg.seed)
     assert saved["gold_reward_sft"] == before["gold_reward"]
+
+
+def test_accuracy_by_term_hand_worked():
+    # stories that differ in one gold term only: the mood word, or whether the requested name is the one used
+    prompt = data.alpaca_prompt("Write a story about Tom.")
+    story = lambda name, mood: f"{name} felt very {mood}. {name} went home. The end."
+    pairs = [{"prompt": prompt, "chosen": story("Tom", "happy"), "rejected": story("Tom", "sad")},  # mood, label right
+             {"prompt": prompt, "chosen": story("Tom", "happy"), "rejected": story("Max", "happy")},  # follow, right
+             {"prompt": prompt, "chosen": story("Max", "happy"), "rejected": story("Tom", "happy")},  # follow, wrong
+             {"prompt": prompt, "chosen": story("Tom", "sad"), "rejected": story("Tom", "sad")}]  # a gold tie: skipped
+    chosen_scores, rejected_scores = [1.0, 0.0, 1.0, 5.0], [0.0, 1.0, 0.0, 0.0]
+    # the RM ranks pair 1 as gold does, and pairs 2 and 3 against it; the labels agree with gold on pairs 1 and 2
+    assert reward.accuracy_by_term(pairs, chosen_scores, rejected_scores) == {
+        "follow": {"pairs": 2, "rm": 0.0, "labels": 0.5}, "mood": {"pairs": 1, "rm": 1.0, "labels": 1.0}}
