@@ -177,6 +177,19 @@ def pairwise_accuracy(rm, pairs, device):
     return float((chosen > rejected).float().mean())
 
 
+def expected_accuracy(gold_gaps, chosen_scores, rejected_scores, tau):
+    """The held-out accuracy and the ceiling averaged over the labeller's coin instead of one draw of it.
+    gold_gaps[i] = g(chosen) - g(rejected) of pair i. The labeller prefers the chosen response with p = sigmoid(gap /
+    tau), so a reward model that ranks it first agrees with a fresh label with probability p, and the gold order
+    with max(p, 1 - p). One draw of 512 labels moves both accuracies by points; these do not move.
+    Returns (reward model, ceiling)."""
+    gaps = torch.as_tensor(gold_gaps, dtype=torch.float64)  # (N,)
+    p_chosen = torch.sigmoid(gaps / tau)  # (N,) P(labeller prefers the chosen response)
+    rm_first = torch.as_tensor(chosen_scores) > torch.as_tensor(rejected_scores)  # (N,) as pairwise_accuracy counts
+    rm = torch.where(rm_first, p_chosen, 1 - p_chosen)
+    return float(rm.mean()), float(torch.maximum(p_chosen, 1 - p_chosen).mean())
+
+
 def accuracy_by_term(pairs, chosen_scores, rejected_scores):
     """Which gold term decides each pair (its difference is the largest), and on the pairs each term decides, how
     often the reward model and the labels agree with the gold order. Pairs the gold human ties are left out.
@@ -247,6 +260,11 @@ def train(cfg):
     metrics = {"heldout_accuracy": float((chosen > rejected).float().mean()), "label_ceiling": ceiling,
                "rm_gold_correlation": pearson(scores, gold), "train_accuracy": history[-1]["accuracy"]}
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    metrics["heldout_accuracy_expected"], metrics["label_ceiling_expected"] = expected_accuracy(
+        [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in eval_pairs],
+        chosen, rejected, cfg.tau)
+    print(f"  averaged over the labeller's coin: accuracy {metrics['heldout_accuracy_expected']:.3f} | "
+          f"ceiling {metrics['label_ceiling_expected']:.3f}")
     metrics["heldout_by_term"] = accuracy_by_term(eval_pairs, chosen, rejected)
     for term, row in metrics["heldout_by_term"].items():
         print(f"  pairs decided by {term:8s} {row['pairs']:4d} | reward model agrees with gold {row['rm']:.3f} | "

@@ -284,6 +284,8 @@ def test_reward_end_to_end(reward_run):
     for key in ("heldout_accuracy", "label_ceiling", "rm_gold_correlation"):
         assert math.isfinite(saved[key]) and saved[key] == metrics[key]
     assert 0 <= saved["heldout_accuracy"] <= 1 and -1 <= saved["rm_gold_correlation"] <= 1
+    # in expectation over the labeller no ranking beats the gold order's
+    assert 0 <= saved["heldout_accuracy_expected"] <= saved["label_ceiling_expected"] <= 1
     assert [c["n"] for c in saved["best_of_n"]] == [1, 2, 4] and len(saved["history"]) == cfg.steps
     rm = load_model(str(out / "reward" / "model.pt"))
     policy = load_model(str(out / "sft" / "model.pt"))
@@ -333,3 +335,31 @@ def test_accuracy_by_term_hand_worked():
     # the RM ranks pair 1 as gold does, and pairs 2 and 3 against it; the labels agree with gold on pairs 1 and 2
     assert reward.accuracy_by_term(pairs, chosen_scores, rejected_scores) == {
         "follow": {"pairs": 2, "rm": 0.0, "labels": 0.5}, "mood": {"pairs": 1, "rm": 1.0, "labels": 1.0}}
+
+
+def test_expected_accuracy_hand_worked():
+    # gap  tau  p = sigmoid(gap / tau)   RM ranks chosen first?   RM agrees with a label   gold order agrees
+    #  1   0.5  sigmoid(2)  = 0.880797   yes                      0.880797                 0.880797
+    # -1   0.5  sigmoid(-2) = 0.119203   no                       0.880797                 0.880797
+    #  2   0.5  sigmoid(4)  = 0.982014   no                       0.017986                 0.982014
+    #  0   0.5  0.5                      yes                      0.5                      0.5
+    rm, ceiling = reward.expected_accuracy([1.0, -1.0, 2.0, 0.0], [1.0, 0.0, 0.0, 3.0], [0.0, 1.0, 1.0, 2.0], 0.5)
+    assert rm == pytest.approx((0.880797 + 0.880797 + 0.017986 + 0.5) / 4, abs=1e-6)
+    assert ceiling == pytest.approx((0.880797 + 0.880797 + 0.982014 + 0.5) / 4, abs=1e-6)
+
+
+def test_expected_accuracy_is_the_mean_over_fresh_labels():
+    # relabel the same pairs many times with the labeller itself: the realised accuracies average to the expectations
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    gold_a, gold_b = torch.randn(40, generator=gen).tolist(), torch.randn(40, generator=gen).tolist()
+    score_a, score_b = torch.randn(40, generator=gen).tolist(), torch.randn(40, generator=gen).tolist()
+    tau, draws, rm_hits, gold_hits = 0.5, 2000, 0, 0
+    for _ in range(draws):
+        for ga, gb, sa, sb in zip(gold_a, gold_b, score_a, score_b):
+            a_chosen = reward.bt_label(ga, gb, tau, rng)
+            rm_hits += (sa > sb) == a_chosen
+            gold_hits += (ga > gb) == a_chosen
+    # orient each pair as the labeller would report it for the expectation: chosen = a, so the gap is g(a) - g(b)
+    rm, ceiling = reward.expected_accuracy([a - b for a, b in zip(gold_a, gold_b)], score_a, score_b, tau)
+    n = draws * len(gold_a)  # 80000 labels: the SE of a rate is under 0.002
+    assert abs(rm_hits / n - rm) < 0.006 and abs(gold_hits / n - ceiling) < 0.006
