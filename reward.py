@@ -184,9 +184,11 @@ def expected_accuracy(gold_gaps, chosen_scores, rejected_scores, tau):
     with max(p, 1 - p). One draw of 512 labels moves both accuracies by points; these do not move.
     Returns (reward model, ceiling)."""
     gaps = torch.as_tensor(gold_gaps, dtype=torch.float64)  # (N,)
-    p_chosen = torch.sigmoid(gaps / tau)  # (N,) P(labeller prefers the chosen response)
+    # p_i = P(labeller prefers chosen_i) = sigmoid((g(chosen_i) - g(rejected_i)) / tau)
+    p_chosen = torch.sigmoid(gaps / tau)  # (N,)
+    # E[RM accuracy] = mean_i (p_i if r(chosen_i) > r(rejected_i) else 1 - p_i); E[ceiling] = mean_i max(p_i, 1 - p_i)
     rm_first = torch.as_tensor(chosen_scores) > torch.as_tensor(rejected_scores)  # (N,) as pairwise_accuracy counts
-    rm = torch.where(rm_first, p_chosen, 1 - p_chosen)
+    rm = torch.where(rm_first, p_chosen, 1 - p_chosen)  # (N,)
     return float(rm.mean()), float(torch.maximum(p_chosen, 1 - p_chosen).mean())
 
 
