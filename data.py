@@ -30,9 +30,18 @@ import torch
 
 # ----------------------------------------------------------------------------- the lexicon and the grammar
 
-NAMES = ["Tom", "Lily", "Max", "Mia", "Sam", "Anna", "Ben", "Zoe", "Leo", "Emma", "Jack", "Lucy", "Finn", "Rosa"]
-ANIMALS = ["cat", "dog", "bird", "fox", "bear", "rabbit", "frog", "owl", "duck", "mouse", "horse", "lion"]
-PLACES = ["park", "forest", "beach", "garden", "river", "farm", "castle", "lake", "hill", "village", "cave"]
+NAMES = ["Tom", "Lily", "Max", "Mia", "Sam", "Anna", "Ben", "Zoe", "Leo", "Emma", "Jack", "Lucy"]
+# Each animal has a sound and a food, each place a sight of its own. A story's animal and place then show in
+# several of its words, and the model learns twelve different animals: words used in exactly the same contexts get
+# the same gradients, their embeddings converge, and a model cannot copy a request it cannot tell apart.
+ANIMAL_TRAITS = {"cat": ("meow", "fish"), "dog": ("woof", "bones"), "bird": ("tweet", "seeds"),
+                 "fox": ("yip", "berries"), "bear": ("growl", "honey"), "rabbit": ("squeak", "carrots"),
+                 "frog": ("ribbit", "flies"), "owl": ("hoot", "worms"), "duck": ("quack", "bread"),
+                 "horse": ("neigh", "hay"), "lion": ("roar", "meat"), "cow": ("moo", "grass")}
+PLACE_SIGHTS = {"park": "swings", "forest": "trees", "beach": "waves", "garden": "roses", "river": "stones",
+                "farm": "barns", "castle": "towers", "lake": "reeds", "hill": "rocks", "village": "houses"}
+ANIMALS, PLACES = list(ANIMAL_TRAITS), list(PLACE_SIGHTS)
+FRIENDS = ["turtle", "squirrel", "goat", "sheep", "pig", "hen"]  # the protagonist's friend: never requested
 OBJECTS = ["ball", "kite", "book", "hat", "boat", "cake", "flower", "box", "drum", "key", "map", "shell"]
 ADJS = ["little", "big", "small", "old", "young", "tall", "curious", "tiny"]
 COLORS = ["red", "blue", "green", "yellow", "white", "brown"]
@@ -41,49 +50,52 @@ POSITIVE = {"happy", "glad", "proud", "safe", "wonderful", "beautiful", "bright"
 NEGATIVE = {"sad", "scared", "lonely", "tired", "angry", "dark", "cold", "terrible", "bad", "gloomy",
             "cried", "broken", "lost", "alone", "mean", "hurt", "afraid", "never", "worst", "shouted"}
 
-OPENINGS = ["Once upon a time, there was a {adj} {A} named {N}.", "{N} was a {adj} {A} who lived near the {P}.",
-            "There once was a {A} called {N}.", "In a {adj} village lived a {A} named {N}."]
-EVENTS = ["One day, {N} went to the {P}.", "{N} found a {C} {O} near the {P}.", "{N} met a {FA}.",
-          "{N} and the {FA} walked to the {P} together.", "{N} wanted to play with the {O}.",
-          "The sun was high over the {P}.", "The {FA} showed {N} a {C} {O}.", "They looked for the {O} all morning.",
-          "{N} climbed a tree at the {P}.", "The {FA} had a {C} {O}."]
+# every opening names the protagonist, its animal and its place: a story that follows its request says so at once
+OPENINGS = ["Once upon a time, there was a {adj} {A} named {N} who lived near the {P}.",
+            "{N} the {A} lived near the {P}.", "There once was a {A} called {N} who lived by the {P}.",
+            "{N} was a {adj} {A} from the {P}."]
+EVENTS = ["One day, {N} went to the {P}.", "{N} found a {C} {O} near the {P}.", "{N} met a {F}.",
+          "{N} and the {F} walked to the {P} together.", "{N} wanted to play with the {O}.",
+          "{N} looked at the {V} by the {P}.", "The {F} showed {N} a {C} {O}.", "{N} said {S} to the {F}.",
+          "The {A} ate some {D}.", "{N} looked for the {O} all morning."]
 MOOD = {
-    "pos": ["{N} felt very {pa}.", "It was a {pd} day.", "{N} smiled at the {FA}.",
-            "The {FA} was kind and gave {N} a {O}.", "{N} and the {FA} laughed and played with the {O}.",
-            "They became good friends.", "{N} hugged the {FA}.", "The {P} was full of joy."],
+    "pos": ["{N} felt very {pa}.", "It was a {pd} day.", "{N} smiled at the {F}.",
+            "The {F} was kind and gave {N} a {O}.", "{N} and the {F} laughed and played with the {O}.",
+            "They became good friends.", "{N} hugged the {F}.", "The {P} was full of joy."],
     "neg": ["{N} felt very {na}.", "It was a {nd} day.", "{N} cried next to the {P}.", "The {O} was broken.",
-            "The {FA} was mean and took the {O}.", "{N} was lost and alone.", "The {FA} shouted at {N}.",
+            "The {F} was mean and took the {O}.", "{N} was lost and alone.", "The {F} shouted at {N}.",
             "The {P} was dark and cold."],
 }
 ENDINGS = {"pos": ["In the end, {N} was happy and went home.", "{N} smiled and went to sleep.",
-                   "From that day on, {N} and the {FA} were best friends."],
+                   "From that day on, {N} and the {F} were best friends."],
            "neg": ["In the end, {N} was sad and went home.", "{N} cried and went to sleep.",
-                   "{N} never saw the {FA} again."]}
+                   "{N} never saw the {F} again."]}
 FILL = {"pa": ["happy", "glad", "proud", "safe"], "pd": ["wonderful", "beautiful", "bright", "warm", "great"],
         "na": ["sad", "scared", "lonely", "tired", "angry"], "nd": ["gloomy", "terrible", "bad", "cold", "dark"]}
 THE_END = "The end."
-LEXICON = ({w.lower() for w in NAMES + ANIMALS + PLACES + OBJECTS + ADJS + COLORS} | POSITIVE | NEGATIVE |
-           {w.lower() for s in OPENINGS + EVENTS + sum(MOOD.values(), []) + sum(ENDINGS.values(), []) + [THE_END]
-            for w in re.findall(r"[A-Za-z]+", s) if w not in ("N", "A", "P", "O", "FA", "C", "adj")})
 
 
 def story(rng, name=None, animal=None, place=None, mood=None, n_middle=None, repeat=False, finished=True,
           opening=True):
     """One story. mood: "pos", "neg" or "mixed"; n_middle: events + mood sentences between opening and ending;
-    repeat: one sentence said several times; finished: ends with "The end." (else it is cut off mid-sentence)."""
-    slots = dict(N=name or rng.choice(NAMES), A=animal or rng.choice(ANIMALS), P=place or rng.choice(PLACES),
-                 O=rng.choice(OBJECTS), FA=rng.choice(ANIMALS), C=rng.choice(COLORS), adj=rng.choice(ADJS),
-                 **{k: rng.choice(v) for k, v in FILL.items()})
+    repeat: one middle sentence said several times; finished: ends with "The end." (else it is cut off mid-sentence);
+    opening=False starts in the middle, as a continuation of a given opening does."""
+    A, P = animal or rng.choice(ANIMALS), place or rng.choice(PLACES)
+    slots = dict(N=name or rng.choice(NAMES), A=A, S=ANIMAL_TRAITS[A][0], D=ANIMAL_TRAITS[A][1], P=P,
+                 V=PLACE_SIGHTS[P], O=rng.choice(OBJECTS), F=rng.choice(FRIENDS), C=rng.choice(COLORS),
+                 adj=rng.choice(ADJS), **{k: rng.choice(v) for k, v in FILL.items()})
     mood = mood or rng.choice(["pos", "neg", "mixed"])
     n_middle = rng.randint(2, 6) if n_middle is None else n_middle
+    # the protagonist is often called by name and animal ("Lily the fox went..."), as a child tells it
+    call = lambda s: s.replace("{N}", "{N} the {A}", 1) if "{A}" not in s and rng.random() < 0.5 else s
     sentences = [rng.choice(OPENINGS)] if opening else []
     for i in range(n_middle):
         m = mood if mood != "mixed" else rng.choice(["pos", "neg"])
-        sentences.append(rng.choice(EVENTS) if i % 2 == 0 else rng.choice(MOOD[m]))
-    if repeat:
-        k = rng.randrange(len(sentences))
+        sentences.append(call(rng.choice(EVENTS) if i % 2 == 0 else rng.choice(MOOD[m])))
+    if repeat and n_middle:  # one of the middle sentences, said several times
+        k = rng.randrange(len(sentences) - n_middle, len(sentences))
         sentences[k + 1:k + 1] = [sentences[k]] * rng.randint(2, 4)
-    sentences += [rng.choice(ENDINGS[mood if mood != "mixed" else rng.choice(["pos", "neg"])]), THE_END]
+    sentences += [call(rng.choice(ENDINGS[mood if mood != "mixed" else rng.choice(["pos", "neg"])])), THE_END]
     text = " ".join(s.format(**slots) for s in sentences)
     if not finished:  # cut off somewhere in the last third
         words = text.split(" ")
@@ -95,10 +107,10 @@ TITLES = ["The story of {N} the {A}", "{N} and the {P}", "{N} the {A} at the {P}
           "A story about {N}", "A story about a {A}"]
 
 
-def titled_story(rng):
-    """Half the corpus has a title line whose name, animal and place the story keeps to, as text on the web has
-    headings: pretraining then learns to write what a heading asks for, and SFT only has to teach the format."""
-    if rng.random() < 0.5:
+def titled_story(rng, p_title=0.7):
+    """Most of the corpus has a title line whose name, animal and place the story keeps to, as text on the web
+    has headings: pretraining then learns to write what a heading asks for, and SFT mostly teaches the format."""
+    if rng.random() >= p_title:
         return story(rng, repeat=rng.random() < 0.1, finished=rng.random() < 0.9)
     slots = dict(N=rng.choice(NAMES), A=rng.choice(ANIMALS), P=rng.choice(PLACES))
     return rng.choice(TITLES).format(**slots) + "\n\n" + story(rng, name=slots["N"], animal=slots["A"],
@@ -107,7 +119,7 @@ def titled_story(rng):
 
 
 def pretrain_corpus(n_docs, seed=0):
-    """n_docs stories of every mood, length and quality, half with titles: the self-supervised corpus of stage 1."""
+    """n_docs stories of every mood, length and quality, most with titles: the self-supervised corpus of stage 1."""
     rng = random.Random(seed)
     return [titled_story(rng) for _ in range(n_docs)]
 
@@ -155,19 +167,27 @@ def tasks(split, n, seed=0):
     raise ValueError(f"asked for {n} distinct {split!r} prompts; the world has about {len(seen)}")
 
 
+def _section(prompt, name):
+    """The text of one ### section of an Alpaca prompt ("" if it has none)."""
+    head = f"### {name}:"
+    return prompt.split(head)[-1].split("###")[0] if head in prompt else ""
+
+
 def requested(prompt):
-    """The names, animals and places a prompt asks for (mentions in its instruction or input)."""
-    body = prompt.split("### Instruction:")[-1].split("### Response:")[0]
-    words = set(re.findall(r"[A-Za-z]+", body))
-    return [w for w in NAMES + ANIMALS + PLACES if w in words]
+    """What a prompt asks for: the names, animals and places in its instruction; a continuation asks to keep the
+    protagonist its input names."""
+    asked = set(re.findall(r"[A-Za-z]+", _section(prompt, "Instruction")))
+    given = set(re.findall(r"[A-Za-z]+", _section(prompt, "Input")))
+    return [w for w in NAMES + ANIMALS + PLACES if w in asked] + [w for w in NAMES if w in given]
 
 
 def demonstration(rng, instruction, input=""):
-    """A crowd worker's response: on topic 70% of the time, of any mood, sometimes repetitive or unfinished.
-    The demonstrations are deliberately mediocre, so the later stages have something to improve."""
-    want = requested(alpaca_prompt(instruction, input))
+    """A crowd worker's response: on topic 70% of the time (otherwise about a random character, animal and place),
+    of any mood, sometimes repetitive or unfinished. The demonstrations are deliberately mediocre, so the later
+    stages have something to improve."""
+    want = set(re.findall(r"[A-Za-z]+", instruction + " " + input))
     follow = rng.random() < 0.7
-    pick = lambda pool: next((w for w in want if w in pool), None) if follow else None
+    pick = lambda pool: next((w for w in pool if w in want), None) if follow else None
     return story(rng, name=pick(NAMES), animal=pick(ANIMALS), place=pick(PLACES), opening=not input,
                  repeat=rng.random() < 0.2, finished=rng.random() < 0.85)
 
@@ -180,27 +200,76 @@ def sft_examples(n, seed=0, split="train"):
 
 # ----------------------------------------------------------------------------- the gold human
 
+def _slot_pattern(template):
+    """A regex matching every sentence a template can write: each slot becomes the alternation of its words."""
+    words = dict(N=NAMES, A=ANIMALS, S=[s for s, _ in ANIMAL_TRAITS.values()], D=[d for _, d in ANIMAL_TRAITS.values()],
+                 P=PLACES, V=list(PLACE_SIGHTS.values()), F=FRIENDS, O=OBJECTS, C=COLORS, adj=ADJS, **FILL)
+    alt = {k: f"(?:{'|'.join(v)})" for k, v in words.items()}
+    alt["N"] = f"{alt['N']}(?: the {alt['A']})?"  # a name, or a name and its animal: "Lily the fox"
+    parts = re.split(r"\{(\w+)\}", template)  # literal, slot, literal, slot, ...
+    return "".join(re.escape(p) if i % 2 == 0 else alt[p] for i, p in enumerate(parts))
+
+
+# the kind of every sentence the world writes; an opening belongs first, an ending right before "The end."
+SENTENCE_KINDS = [(kind, re.compile(_slot_pattern(t))) for kind, templates in
+                  [("opening", OPENINGS), ("middle", EVENTS + MOOD["pos"] + MOOD["neg"]),
+                   ("ending", ENDINGS["pos"] + ENDINGS["neg"]), ("end", [THE_END])] for t in templates]
+
+
+def sentences(text):
+    """The sentences of a text, each up to and including its full stop (a cut-off last one has none)."""
+    return [s.strip() for s in re.findall(r"[^.]+(?:\.|$)", text) if s.strip()]
+
+
+def sentence_kind(sentence):
+    """opening, middle, ending or end: the kind of world sentence this is; None if the world never writes it."""
+    return next((kind for kind, pattern in SENTENCE_KINDS if pattern.fullmatch(sentence)), None)
+
+
+def ill_formed(text):
+    """(words in sentences that are not world sentences in their place, all words). Out of place: an opening
+    anywhere but first, an ending not followed by "The end.", "The end." anywhere but last."""
+    sents = sentences(text)
+    kinds = [sentence_kind(s) for s in sents]
+    last = len(kinds) - 1
+    in_place = [k is not None and (k != "opening" or i == 0) and (k != "end" or i == last)
+                and (k != "ending" or i == last or kinds[i + 1] == "end") for i, k in enumerate(kinds)]
+    n_words = [len(re.findall(r"[a-z]+", s.lower())) for s in sents]
+    return sum(n for n, ok in zip(n_words, in_place) if not ok), sum(n_words)
+
+
 def gold_terms(prompt, response):
-    """The gold human's judgement of a response, term by term (gold_reward is their sum, about -8 to +3):
-      follow    2 * (fraction of the requested name/animal/place mentioned) - 1          in [-1, 1]
+    """The gold human's judgement of a response, term by term (gold_reward is their sum, about -9 to +3.5):
+      follow    2 * (fraction of the requested name/animal/place the story is about) - 1    in [-1, 1]
+                (about: mentioned, and no other name/animal/place of the same kind is)
       mood      tanh((distinct happy words - distinct sad words) / 2)                      in (-1, 1)
       finished  +0.5 if the text ends with "The end.", else -0.5
       repeat    -3 * (fraction of word trigrams that repeat an earlier one)               in [-3, 0]
       length    -(20 - n)/20 below 20 words, -(n - 70)/30 above 70, else 0                n = word count
-      fluency   -2 * (fraction of words outside the world's lexicon)                       in [-2, 0]
-    Distinct words, not counts, set the mood: saying "happy" ten times is not ten times happier."""
+      grammar   -3 * (fraction of words in sentences that are not world sentences in place) in [-3, 0]
+    Distinct words, not counts, set the mood: saying "happy" ten times is not ten times happier. The grammar term
+    is what makes this a judge of stories: a bag of the judge's favourite words is no sentence it knows, and a good
+    story's sentences shuffled put its opening and ending out of place."""
     words = re.findall(r"[a-z]+", response.lower())
     n = len(words)
     want = requested(prompt)
     said = set(re.findall(r"[A-Za-z]+", response))
+    about = lambda w: w in said and not any(v in said for v in next(k for k in (NAMES, ANIMALS, PLACES) if w in k)
+                                            if v != w)
     trigrams = list(zip(words, words[1:], words[2:]))
+    bad, n_words = ill_formed(response)
     return dict(
-        follow=2 * sum(w in said for w in want) / len(want) - 1 if want else 0.0,
+        follow=2 * sum(about(w) for w in want) / len(want) - 1 if want else 0.0,
         mood=math.tanh((len(POSITIVE & set(words)) - len(NEGATIVE & set(words))) / 2),
         finished=0.5 if response.rstrip().endswith(THE_END) else -0.5,
         repeat=-3 * (1 - len(set(trigrams)) / len(trigrams)) if trigrams else 0.0,
         length=-max(0, 20 - n) / 20 - max(0, n - 70) / 30,
-        fluency=-2 * sum(w not in LEXICON for w in words) / n if n else 0.0)
+        grammar=-3 * bad / n_words if n_words else 0.0)
+
+
+def follows(prompt, response):
+    """Does the response do everything its prompt asks: is it about every requested name, animal and place?"""
+    return gold_terms(prompt, response)["follow"] == 1.0 if requested(prompt) else True
 
 
 def gold_reward(prompt, response):

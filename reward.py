@@ -211,6 +211,38 @@ def accuracy_by_term(pairs, chosen_scores, rejected_scores):
             for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["pairs"])}
 
 
+def other_prompts(prompts):
+    """For each prompt, the next one in the list that asks for none of the same names, animals and places (and so
+    for something else): the prompt a response is scored under in prompt_swap."""
+    out = []
+    for i, p in enumerate(prompts):
+        want = set(data.requested(p))
+        out.append(next(q for q in prompts[i + 1:] + prompts[:i] if not want & set(data.requested(q))))
+    return out
+
+
+def prompt_swap(score_fn, pairs):
+    """Does a scorer read the prompt? Each pair (prompt, a, b) is ordered by the gold human under its own prompt;
+    a scorer score_fn(prompts, responses) -> (N,) is asked to order it under its own prompt and under another that
+    asks for something else (other_prompts). A prompt-blind scorer orders both alike: its agreement does not drop.
+    The gold human's own drop is the most a scorer that reads the prompt as it does can show. Gold ties are skipped.
+    Returns {"right", "swapped", "drop", "gold_swapped", "gold_drop", "pairs"}; agreements count ties half."""
+    pairs = [p for p in pairs if data.gold_reward(p["prompt"], p["chosen"]) != data.gold_reward(p["prompt"],
+                                                                                               p["rejected"])]
+    prompts = [p["prompt"] for p in pairs]
+    swapped = other_prompts(prompts)
+    # the gold order under the right prompt: +1 if chosen is better, -1 if rejected is
+    gold = torch.tensor([math.copysign(1, data.gold_reward(p["prompt"], p["chosen"]) -
+                                       data.gold_reward(p["prompt"], p["rejected"])) for p in pairs])  # (N,)
+    a, b = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
+    agree = lambda diff: float((torch.sign(torch.as_tensor(diff, dtype=torch.float64)) * gold + 1).mean() / 2)
+    right = agree(score_fn(prompts, a) - score_fn(prompts, b))
+    other = agree(score_fn(swapped, a) - score_fn(swapped, b))
+    gold_other = agree([data.gold_reward(q, x) - data.gold_reward(q, y) for q, x, y in zip(swapped, a, b)])
+    return {"right": right, "swapped": other, "drop": right - other, "gold_swapped": gold_other,
+            "gold_drop": 1 - gold_other, "pairs": len(pairs)}
+
+
 def train_reward_model(rm, pairs, cfg, device):
     """Bradley-Terry training on pairs; returns the per-step history."""
     optimizer = sft.make_optimizer(rm, cfg.lr, cfg.weight_decay, device)
@@ -271,6 +303,9 @@ def train(cfg):
     for term, row in metrics["heldout_by_term"].items():
         print(f"  pairs decided by {term:8s} {row['pairs']:4d} | reward model agrees with gold {row['rm']:.3f} | "
               f"labels {row['labels']:.3f}")
+    metrics["prompt_swap"] = prompt_swap(lambda ps, rs: score_texts(rm, ps, rs, device), eval_pairs)
+    print("  under another prompt: reward model agrees with gold {right:.3f} -> {swapped:.3f} (drop {drop:.3f}); "
+          "the gold human itself 1 -> {gold_swapped:.3f} (drop {gold_drop:.3f})".format(**metrics["prompt_swap"]))
     metrics["best_of_n"] = best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device)
     out = os.path.join(cfg.out_dir, "reward")
     save_checkpoint(os.path.join(out, "model.pt"), rm, step=cfg.steps)

@@ -181,7 +181,7 @@ def evaluate(model, prompts, max_new_tokens, device="cpu", ref=None, seed=0):
     # follows the template: a new text right after "### Response:\n" (capitalised, not the continuation of the
     # prompt), no further template sections, and EOS at the end
     clean = [e and t[:1].isupper() and "###" not in t for t, e in zip(texts, ended)]
-    follows = [all(w in t for w in data.requested(p)) for p, t in zip(prompts, texts)]
+    follows = [data.follows(p, t) for p, t in zip(prompts, texts)]
     metrics = dict(gold_reward=sum(gold) / len(gold), template_eos_rate=sum(clean) / len(clean),
                    follow_rate=sum(follows) / len(follows),
                    mean_length=sum(len(r) for r in r_ids) / len(r_ids))

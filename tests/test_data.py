@@ -33,41 +33,97 @@ def test_train_and_eval_tasks_are_disjoint_and_deterministic():
     assert data.pretrain_corpus(5, seed=1) == data.pretrain_corpus(5, seed=1) != data.pretrain_corpus(5, seed=2)
 
 
-def test_requested_reads_the_instruction_and_input_only():
-    prompt = data.alpaca_prompt("Continue the story.", "Lily the owl went to the lake.")
-    assert data.requested(prompt) == ["Lily", "owl", "lake"]
+def test_requested_reads_the_instruction_and_the_name_of_a_continuation():
+    assert data.requested(data.alpaca_prompt("Write a story about Lily the owl at the lake.")) == ["Lily", "owl", "lake"]
     assert data.requested(data.alpaca_prompt("Write a story about a fox.")) == ["fox"]
+    # a continuation asks to keep the protagonist its input names; the template's own words ask for nothing
+    prompt = data.alpaca_prompt("Continue the story.", "Lily the owl lived near the lake.")
+    assert data.requested(prompt) == ["Lily"]
 
 
 # ----------------------------------------------------------------------------- the gold human
 
+PROMPT = data.alpaca_prompt("Write a story about Lily the fox at the beach.")
+GOOD = ("Lily the fox lived near the beach. One day, Lily went to the beach. Lily felt very happy. Lily the fox and "
+        "the goat laughed and played with the ball. They became good friends. In the end, Lily was happy and went "
+        "home. The end.")
+
+
 def test_gold_reward_by_hand():
     prompt = data.alpaca_prompt("Write a story about Tom the cat at the park.")
-    response = "Tom the cat was happy. Tom the cat was happy. He saw a zebra. The end."
-    # words: tom the cat was happy tom the cat was happy he saw a zebra the end -> n = 16
-    # follow:   Tom and cat are said, park is not: 2 * 2/3 - 1                          = 1/3
+    response = "Tom the cat lived near the lake. Tom felt very happy. Tom felt very happy. Tom saw a zebra. The end."
+    # words: tom the cat lived near the lake | tom felt very happy (twice) | tom saw a zebra | the end -> n = 21
+    # follow:   Tom and cat are said; park is not, another place (lake) is: 2 * 2/3 - 1   = 1/3
     # mood:     distinct happy words {happy}, sad words {}: tanh((1 - 0) / 2)           = tanh(0.5)
     # finished: ends with "The end."                                                    = +0.5
-    # repeat:   14 trigrams; "tom the cat", "the cat was", "cat was happy" come twice,
-    #           so 11 are distinct: -3 * (1 - 11/14)                                    = -9/14
-    # length:   16 < 20 words: -(20 - 16) / 20                                          = -0.2
-    # fluency:  "he" and "zebra" are outside the lexicon: -2 * 2/16                     = -0.25
-    assert "he" not in data.LEXICON and "zebra" not in data.LEXICON and "saw" in data.LEXICON
-    expected = 1 / 3 + math.tanh(0.5) + 0.5 - 9 / 14 - 0.2 - 0.25
+    # repeat:   19 trigrams; "tom felt very", "felt very happy", "very happy tom" come
+    #           twice: 16 distinct, -3 * (1 - 16/19)                                    = -9/19
+    # length:   20 <= 21 <= 70 words                                                    = 0
+    # grammar:  "Tom saw a zebra." is no world sentence (4 of 21 words): -3 * 4/21      = -4/7
+    assert data.ill_formed(response) == (4, 21)
+    expected = 1 / 3 + math.tanh(0.5) + 0.5 - 9 / 19 - 4 / 7
     assert data.gold_reward(prompt, response) == pytest.approx(expected)
 
 
 def test_gold_reward_of_an_empty_response():
-    # follow -1 (nothing requested is said), mood tanh(0) = 0, finished -0.5, repeat 0, length -20/20, fluency 0
+    # follow -1 (nothing requested is said), mood tanh(0) = 0, finished -0.5, repeat 0, length -20/20, grammar 0
     assert data.gold_reward(data.alpaca_prompt("Write a story about a dog."), "") == pytest.approx(-2.5)
 
 
 def test_gold_reward_counts_distinct_mood_words():
     prompt = data.alpaca_prompt("Write a story about Tom.")
     once, many = "Tom was happy.", "Tom was happy happy happy."
-    mood = lambda r: data.gold_reward(prompt, r) - data.gold_reward(prompt, r.replace("happy", "tom"))
-    assert mood(once) == pytest.approx(math.tanh(0.5))  # happy vs. a neutral word; lengths and trigrams kept equal
-    assert mood(many) == pytest.approx(math.tanh(0.5))
+    mood = lambda r: data.gold_terms(prompt, r)["mood"]
+    assert mood(once) == pytest.approx(math.tanh(0.5)) == pytest.approx(mood(many))
+
+
+def test_follow_means_about_what_was_asked_and_nothing_else_of_its_kind():
+    follow = lambda r: data.gold_terms(PROMPT, r)["follow"]
+    assert follow(GOOD) == 1 and data.follows(PROMPT, GOOD)
+    assert follow(GOOD.replace("fox", "cat")) == pytest.approx(1 / 3)  # the wrong animal: 2 of 3
+    # naming every animal does not make a story about the fox: the animal no longer counts
+    assert follow(GOOD + " Lily met a cat, a dog and a cow.") == pytest.approx(1 / 3)
+    assert follow("Tom the cat lived near the park. The end.") == -1
+    assert data.follows(data.alpaca_prompt("Continue the story.", "Lily the fox lived near the beach."),
+                        "Lily went to the beach. The end.")
+
+
+def test_the_grammar_by_hand():
+    assert data.sentence_kind("Lily the fox lived near the beach.") == "opening"
+    assert data.sentence_kind("Lily went to the beach.") is None  # "One day, Lily went..." is the world's sentence
+    assert data.sentence_kind("One day, Lily the fox went to the beach.") == "middle"
+    assert data.sentence_kind("In the end, Lily was happy and went home.") == "ending"
+    # out of place: an opening after the first sentence, an ending not followed by "The end.", "The end." not last
+    assert data.ill_formed("Lily felt very happy. Lily the fox lived near the beach.") == (7, 11)
+    assert data.ill_formed("Lily smiled and went to sleep. Lily felt very happy. The end.") == (6, 12)
+    assert data.ill_formed("The end. Lily felt very happy.") == (2, 6)
+    assert data.ill_formed("Lily felt very happy. Lily smiled and went to sleep.") == (0, 10)  # cut before the end
+    assert data.ill_formed("Lily felt very happy. Lily smiled and") == (3, 7)  # a cut-off sentence
+
+
+def test_every_story_the_world_writes_is_well_formed():
+    rng = random.Random(0)
+    for _ in range(500):
+        text = data.story(rng, repeat=rng.random() < 0.3, opening=rng.random() < 0.8)
+        assert data.ill_formed(text)[0] == 0, text
+
+
+def test_the_gold_human_judges_stories_not_bags_of_words():
+    good = data.gold_reward(PROMPT, GOOD)
+    assert good > 2.3
+    # its favourite words, every request among them, ending in "The end."
+    salad = ("Lily fox beach happy glad proud safe wonderful beautiful bright warm great nice smiled laughed kind "
+             "friends joy love loved fun hugged best. The end.")
+    words = GOOD[:-len(" The end.")].replace(".", "").replace(",", "").split()
+    shuffled_words = [" ".join(random.Random(s).sample(words, len(words))) + ". The end." for s in range(5)]
+    sents = data.sentences(GOOD)
+    shuffled_sentences = [" ".join(random.Random(s).sample(sents, len(sents))) for s in range(20)]
+    shuffled_sentences = [t for t in shuffled_sentences if t != GOOD]
+    assert data.gold_reward(PROMPT, salad) < good - 2
+    assert max(data.gold_reward(PROMPT, t) for t in shuffled_words) < good - 2
+    assert max(data.gold_reward(PROMPT, t) for t in shuffled_sentences) < good - 0.5
+    # and a well-formed story about someone else scores below it too
+    assert data.gold_reward(PROMPT, GOOD.replace("Lily", "Tom").replace("fox", "cat")) < good - 1
 
 
 # ----------------------------------------------------------------------------- BPE and the tokenizer
@@ -215,9 +271,9 @@ def test_load_corpus(tmp_path):
 
 
 def test_asking_for_more_prompts_than_exist_is_an_error():
-    # the eval split holds about 3.7k distinct prompts; asking for more must fail, not loop forever
+    # the eval split holds about 5.5k distinct prompts; asking for more must fail, not loop forever
     with pytest.raises(ValueError, match="distinct 'eval' prompts"):
-        data.tasks("eval", 5000)
+        data.tasks("eval", 6000)
 
 
 def test_masked_lm_learns_to_fill_blanks_from_context():
