@@ -28,6 +28,8 @@ from collections import Counter
 import tiktoken
 import torch
 
+from model import atomic_write
+
 # ----------------------------------------------------------------------------- the lexicon and the grammar
 
 NAMES = ["Tom", "Lily", "Max", "Mia", "Sam", "Anna", "Ben", "Zoe", "Leo", "Emma", "Jack", "Lucy"]
@@ -171,6 +173,22 @@ def _section(prompt, name):
     """The text of one ### section of an Alpaca prompt ("" if it has none)."""
     head = f"### {name}:"
     return prompt.split(head)[-1].split("###")[0] if head in prompt else ""
+
+
+@functools.lru_cache(maxsize=None)
+def longest_prompt_tokens():
+    """Tokens in the longest prompt random_task can make, for the scripts' check that a prompt and a response fit
+    block_size. A word's tokens do not depend on its neighbours (the pre-tokenizer splits at spaces and
+    punctuation), so a template filled slot by slot with the word that adds the most tokens is its longest prompt."""
+    slots = dict(N=NAMES, A=ANIMALS, P=PLACES, adj=ADJS)  # random_task's slots and their words
+    longest = 0
+    for instruction, input in [(t, "") for t in INSTRUCTIONS] + [(CONTINUE, t) for t in OPENINGS]:
+        tokens = lambda fill: len(encode(alpaca_prompt(instruction.format(**fill), input.format(**fill))))
+        fill = {k: words[0] for k, words in slots.items()}
+        for k, words in slots.items():
+            fill[k] = max(words, key=lambda w: tokens({**fill, k: w}))
+        longest = max(longest, tokens(fill))
+    return longest
 
 
 def requested(prompt):
@@ -339,11 +357,8 @@ def tokenizer(cache_dir=TOKENIZER_DIR):
             ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
     else:
         ranks = train_bpe(texts, VOCAB_SIZE - 256 - 3)
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:  # tiktoken's own file format: base64 token, rank
+        with atomic_write(path) as f:  # tiktoken's own file format: base64 token, rank
             f.writelines(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in ranks.items())
-        os.replace(tmp, path)
     n = len(ranks)
     return tiktoken.Encoding("lab", pat_str=PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT: n, PAD: n + 1, MASK: n + 2})
@@ -448,11 +463,8 @@ def load_jsonl(path, keys):
 
 
 def save_jsonl(path, records):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
 
 
 def load_sft_jsonl(path):

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 import data
 import reward
 import sft
-from model import autocast, load_model, parse_config, pick_device, save_checkpoint, to_device
+from model import (autocast, check_finite, files_or_empty, interval, load_model, non_negative, one_line_errors, one_of,
+                   parse_config, pick_device, positive, run_fields, to_device)
 
 
 @dataclass
@@ -76,10 +77,25 @@ class Config:
     """steps between held-out pair evaluations"""
     eval_prompts: int = 256
     """held-out prompts for the gold-human evaluation"""
-    max_new_tokens: int = 128
+    max_new_tokens: int = 120
 
 
 PRESETS = {"cpu": {}, "gpu": dict(steps=300, batch_size=64, lr=2e-5, warmup=30, eval_prompts=512)}
+
+
+def check(cfg):
+    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
+    yield from positive(cfg, "beta")  # beta < 0 would reverse every preference
+    yield one_of(cfg, "loss_type", "sigmoid", "ipo")
+    yield interval(cfg, "label_smoothing", "[0, 0.5)")  # eps = 0.5 is a coin flip; above it, labels reversed
+    yield "label_smoothing", cfg.loss_type == "sigmoid" or cfg.label_smoothing == 0, "0 with --loss_type=ipo"
+    yield from files_or_empty(cfg, "data")
+    yield from run_fields(cfg)
+    yield from positive(cfg, "steps", "batch_size", "lr", "eval_every", "eval_prompts", "max_new_tokens")
+    yield from non_negative(cfg, "warmup", "weight_decay")
+    yield interval(cfg, "val_frac", "[0, 1)")
+    yield sft.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
+    yield sft.fits_sft_model(cfg)
 
 
 # ----------------------------------------------------------------------------- the math
@@ -196,6 +212,7 @@ def optimize(policy, train_t, train_ref, cfg, device, val_t=(), val_ref=None):
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, ref[:, 0], ref[:, 1],
                                                             cfg.beta, cfg.label_smoothing, cfg.loss_type)
         loss = losses.mean()
+        check_finite(step, loss=loss)
         # 4. one AdamW step on theta
         lr = sft.lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         grad_norm = sft.optimizer_step(policy, optimizer, loss, lr)
@@ -217,10 +234,6 @@ def optimize(policy, train_t, train_ref, cfg, device, val_t=(), val_ref=None):
 def train(cfg, policy=None, ref=None):
     """DPO from the SFT model on the preference pairs; writes out/dpo/model.pt and out/dpo/metrics.json. policy and
     ref (pi_ref) can be passed in instead of loaded from out/sft, as in ppo.train."""
-    if cfg.loss_type not in ("sigmoid", "ipo"):
-        raise ValueError(f"--loss_type={cfg.loss_type!r}; valid: sigmoid, ipo")
-    if cfg.loss_type == "ipo" and cfg.label_smoothing:
-        raise ValueError("--label_smoothing applies to the sigmoid loss only")
     device = pick_device(cfg.device)
     pairs = reward.load_pairs(cfg.data or reward.ensure_pairs(cfg))
     sft_path = sft.ensure_stage("sft", cfg) if policy is None or ref is None else None
@@ -249,19 +262,15 @@ def train(cfg, policy=None, ref=None):
     for p, t, s in list(zip(prompts, texts, sft_texts))[:3]:
         print(f"--- {p.split('### Instruction:')[-1].split('### Response:')[0].strip()!r}\n"
               f"dpo ({data.gold_reward(p, t):+.2f}): {t}\nsft ({data.gold_reward(p, s):+.2f}): {s}")
-    out = os.path.join(cfg.out_dir, "dpo")
-    save_checkpoint(os.path.join(out, "model.pt"), policy, step=cfg.steps)
     metrics.update(config=asdict(cfg), history=history)
-    sft.write_metrics(out, metrics)
+    sft.save_stage(os.path.join(cfg.out_dir, "dpo"), policy, metrics, step=cfg.steps)
     return metrics
 
 
 def main():
-    cfg = parse_config(Config, presets=PRESETS)
-    try:
+    cfg = parse_config(Config, presets=PRESETS, check=check)
+    with one_line_errors():
         train(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ through F.scaled_dot_product_attention, a GELU MLP, and the token embedding tied
   - `generate` keeps a KV cache; `use_cache=False` recomputes the prefix every step (the readable version, and
     the test oracle for the cache).
   - `ScalarHeadModel` puts a linear head on the trunk: one number per position, for the reward model and critic.
-Also here, because every script needs them: checkpoints, masked statistics, the device/autocast choice and the
-`--field=value` command-line parser.
+Also here, because every script needs them: checkpoints and files written atomically, masked statistics, the
+device/autocast choice, the `--field=value` command-line parser with its checks, and the one-line errors of main().
 
 Shapes: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head size (C // nh),
         P prompt length, R response length.
@@ -21,7 +21,10 @@ import dataclasses
 import inspect
 import math
 import os
+import re
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -275,36 +278,79 @@ def masked_whiten(x, mask, shift_mean=True):
     return whitened if shift_mean else whitened + mean
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- files and checkpoints
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """A file to write path's new content into: a temporary file next to path, renamed into place when the block
+    ends and deleted if anything (Ctrl-C included) stops it first, so path is always the old file or the new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C inside the block takes effect when the block ends, so the files it writes land together or not at all."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read, or is not one of ours."""
+
+
+KINDS = {"GPT": GPT, "ScalarHeadModel": ScalarHeadModel}
+FIX = "delete it or rerun the stage that writes it"
+
 
 def save_checkpoint(path, model, **extra):
-    """One plain dict {"model", "config", "kind", ...}, written to a temporary file and renamed into place, so an
-    interrupted write never leaves a half checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """One plain dict {"model", "config", "kind", ...}, written through atomic_write: never half a checkpoint."""
     ckpt = {"model": model.state_dict(), "config": dataclasses.asdict(model.config),
             "kind": type(model).__name__, **extra}
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
 
 
 def load_checkpoint(path, device="cpu"):
-    """The checkpoint dict; torch.load with weights_only=True, so a checkpoint can never run code."""
+    """The checkpoint dict; torch.load with weights_only=True, so a checkpoint can never run code. A file that is
+    not one of our checkpoints is a CheckpointError, one line naming the file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no checkpoint there")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch's own message runs to several lines of advice: its type is enough here
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); {FIX}") from None
+    if not (isinstance(ckpt, dict) and {"model", "config", "kind"} <= ckpt.keys() and ckpt["kind"] in KINDS):
+        raise CheckpointError(f"{path}: not a checkpoint of this project; {FIX}")
+    return ckpt
 
 
 def load_model(path, device="cpu"):
     """Rebuild the GPT or ScalarHeadModel a checkpoint holds."""
-    ckpt = load_checkpoint(path, device)
-    cls = {"GPT": GPT, "ScalarHeadModel": ScalarHeadModel}[ckpt["kind"]]
-    model = cls(GPTConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model
+    ckpt = load_checkpoint(path)  # on the CPU: the model is built there and moved once
+    try:  # a checkpoint of another version: config fields we do not know, or weights of other names or shapes
+        model = KINDS[ckpt["kind"]](GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, AssertionError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its config or weights do not fit the model ({type(e).__name__}); {FIX}") \
+            from None
+    return model.to(device)
 
 
 # ----------------------------------------------------------------------------- device, autocast, command line
@@ -340,6 +386,9 @@ def field_docs(cls):
     return docs
 
 
+TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
 def _convert(field, text, flag):
     kind = type(field.default)
     try:
@@ -349,13 +398,14 @@ def _convert(field, text, flag):
             return text.lower() in ("1", "true", "yes")
         return kind(text)
     except ValueError:
-        raise SystemExit(f"error: {flag}={text!r} is not a valid {kind.__name__}") from None
+        raise SystemExit(f"error: {flag}={text}: must be {TYPE_WORDS[kind]}") from None
 
 
-def parse_config(cls, argv=None, presets=None):
+def parse_config(cls, argv=None, presets=None, check=None):
     """A Config from `--field=value` / `--field value` flags, checked against the dataclass. `presets` maps a
     preset name to field overrides; `--preset=auto` picks "gpu" when CUDA is available, else "cpu". Explicit
-    flags win over the preset."""
+    flags win over the preset. `check(cfg)` yields the script's (field, ok, allowed) rows; the first row that
+    fails ends the program with one line, before any work and before the overrides are printed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "-h" in argv or "--help" in argv:
@@ -386,8 +436,96 @@ def parse_config(cls, argv=None, presets=None):
         if preset == "auto":
             preset = "gpu" if torch.cuda.is_available() else "cpu"
         if preset not in presets:
-            raise SystemExit(f"error: --preset={preset!r}; valid presets: auto, {', '.join(presets)}")
+            raise SystemExit(f"error: --preset={preset}: must be one of auto, {', '.join(presets)}")
         cfg = dataclasses.replace(cfg, **presets[preset], preset=preset)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k != "preset"})
+    for field, ok, allowed in check(cfg) if check else ():
+        if not ok:
+            raise SystemExit(f"error: --{field}={getattr(cfg, field)}: must be {allowed}")
     for key, value in overrides.items():
         print(f"override: {key} = {value!r}")
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k != "preset"})
+    return cfg
+
+
+# ----------------------------------------------------------------------------- rows for the scripts' check(cfg)
+# Each script's check(cfg), under its Config, yields one (field, ok, allowed) row per rule. parse_config stops at the
+# first row that fails, so a row may rely on the rows above it (n_embd % n_head needs n_head > 0 first).
+
+def positive(cfg, *fields):
+    for f in fields:
+        yield f, 0 < getattr(cfg, f) < math.inf, "> 0"
+
+
+def non_negative(cfg, *fields):
+    for f in fields:
+        yield f, 0 <= getattr(cfg, f) < math.inf, ">= 0"
+
+
+def interval(cfg, field, spec):
+    """A row: field lies in spec, written as in mathematics: "[0, 1)" includes 0 and excludes 1."""
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    v = getattr(cfg, field)
+    ok = (lo <= v if spec[0] == "[" else lo < v) and (v <= hi if spec[-1] == "]" else v < hi)
+    return field, ok, f"in {spec}"
+
+
+def one_of(cfg, field, *choices):
+    return field, getattr(cfg, field) in choices, f"one of {', '.join(choices)}"
+
+
+def files_or_empty(cfg, *fields):
+    for f in fields:
+        yield f, not getattr(cfg, f) or os.path.isfile(getattr(cfg, f)), "an existing file, or empty"
+
+
+def writable(path):
+    """Whether path is a folder we can write in, or can make: the nearest folder on its way that exists is writable."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def device_exists(name):
+    if name in ("auto", "cpu"):
+        return True
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
+    return bool(cuda) and torch.cuda.is_available() and int(cuda.group(1) or 0) < torch.cuda.device_count()
+
+
+def run_fields(cfg):
+    """Rows for out_dir, device and seed, which every script has (preset is checked while parse_config applies it)."""
+    yield "out_dir", bool(cfg.out_dir) and writable(cfg.out_dir), "a folder we can write in, or make"
+    yield "device", device_exists(cfg.device), "auto, cpu, or cuda[:i] where CUDA has that GPU"
+    if hasattr(cfg, "seed"):
+        yield "seed", 0 <= cfg.seed < 2 ** 63, "in [0, 2**63)"
+
+
+# ----------------------------------------------------------------------------- errors main() reports in one line
+
+class Diverged(RuntimeError):
+    """A loss or reward became nan or inf: the stage stops, and writes nothing from the diverged model."""
+
+
+def check_finite(step, **values):
+    """Raise Diverged ("step 12: loss is nan") when one of the named numbers or tensors holds a nan or inf."""
+    for name, value in values.items():
+        value = torch.as_tensor(value).detach()
+        bad = value[~torch.isfinite(value)]
+        if len(bad):
+            raise Diverged(f"step {step}: {name} is {bad.flatten()[0].item()}")
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """main()'s wrapper: what a user can cause (a bad file, a diverged run, a checkpoint to delete, Ctrl-C) ends the
+    program with one line on stderr and a non-zero exit status instead of a traceback."""
+    try:
+        yield
+    except Diverged as e:
+        raise SystemExit(f"error: {e}; nothing was written") from None
+    except (ValueError, OSError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written", file=sys.stderr)
+        raise SystemExit(130) from None

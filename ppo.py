@@ -44,8 +44,8 @@ import torch.nn.functional as F
 import data
 import reward
 import sft
-from model import autocast, load_model, masked_mean, masked_whiten, parse_config, pick_device, save_checkpoint, \
-    token_logprobs
+from model import (autocast, check_finite, interval, load_model, masked_mean, masked_whiten, non_negative,
+                   one_line_errors, parse_config, pick_device, positive, run_fields, token_logprobs)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Config:
     """optimisation passes over each rollout batch (K in Schulman et al. 2017)"""
     n_minibatches: int = 2
     """minibatches per epoch; each holds batch_size / n_minibatches rollouts"""
-    max_new_tokens: int = 128
+    max_new_tokens: int = 120
     """longest response; one without EOS by then is penalised"""
     lr: float = 1e-4
     """policy learning rate (constant); at 3e-5 an update barely moved the policy (approx_kl 7e-5, no clipping)"""
@@ -100,6 +100,21 @@ class Config:
 
 PRESETS = {"cpu": {}, "gpu": dict(steps=200, batch_size=256, n_epochs=4, n_minibatches=4, n_prompts=10000,
                                   eval_prompts=512, lr=1e-5, critic_lr=5e-5)}
+
+
+def check(cfg):
+    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
+    yield from run_fields(cfg)
+    yield from positive(cfg, "steps", "batch_size", "n_epochs", "n_minibatches", "max_new_tokens", "lr", "critic_lr",
+                        "max_grad_norm", "target_kl", "kl_horizon", "cliprange_value", "n_prompts", "eval_prompts")
+    yield "n_minibatches", cfg.batch_size % cfg.n_minibatches == 0, f"a divisor of --batch_size={cfg.batch_size}"
+    yield from non_negative(cfg, "kl_coef", "no_eos_penalty", "sample_every")
+    yield interval(cfg, "gamma", "[0, 1]")
+    yield interval(cfg, "lam", "[0, 1]")
+    yield interval(cfg, "cliprange", "(0, 1)")
+    yield sft.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
+    yield sft.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
+    yield sft.fits_sft_model(cfg)
 
 
 # ----------------------------------------------------------------------------- the math, as pure functions
@@ -301,8 +316,6 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
     ref = ref.to(device).requires_grad_(False).eval()
     policy_opt = sft.make_optimizer(policy, cfg.lr, 0.0, device)
     critic_opt = sft.make_optimizer(critic, cfg.critic_lr, 0.0, device)
-    if cfg.batch_size % cfg.n_minibatches:
-        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of n_minibatches {cfg.n_minibatches}")
 
     prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", cfg.n_prompts, seed=cfg.seed)]
     prompt_ids = [torch.tensor(data.encode(p)) for p in prompts]
@@ -317,7 +330,9 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
         pick = torch.randint(len(prompts), (cfg.batch_size,), generator=gen).tolist()
         batch = rollout(policy, ref, critic, reward_fn, [prompt_ids[i] for i in pick], cfg.max_new_tokens,
                         kl_coef, cfg.no_eos_penalty, device)
+        check_finite(step, score=batch["raw_scores"], reward=batch["rewards"])
         stats = ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen)
+        check_finite(step, pg_loss=stats["pg_loss"], vf_loss=stats["vf_loss"])
         texts = response_texts(batch)
         gold = sum(data.gold_reward(prompts[i], t) for i, t in zip(pick, texts)) / len(texts)
         kl = float(batch["kl"].sum(1).mean())  # mean sequence KL(pi || pi_ref), k1 summed over each response
@@ -339,18 +354,15 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     for p, a, b in list(zip(eval_prompts, sft_texts, texts))[:3]:
         print(f"--- {p.split('### Instruction:')[-1].split('###')[0].strip()!r}\n  sft: {a}\n  ppo: {b}")
-    out = os.path.join(cfg.out_dir, "ppo")
-    save_checkpoint(os.path.join(out, "model.pt"), policy, step=cfg.steps)
-    sft.write_metrics(out, {**metrics, "config": asdict(cfg), "history": history})
+    sft.save_stage(os.path.join(cfg.out_dir, "ppo"), policy, {**metrics, "config": asdict(cfg), "history": history},
+                   step=cfg.steps)
     return {**metrics, "history": history}
 
 
 def main():
-    cfg = parse_config(Config, presets=PRESETS)
-    try:
+    cfg = parse_config(Config, presets=PRESETS, check=check)
+    with one_line_errors():
         train(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

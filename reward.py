@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 import data
 import sft
-from model import ScalarHeadModel, autocast, load_model, parse_config, pick_device, save_checkpoint, to_device
+from model import (ScalarHeadModel, autocast, check_finite, files_or_empty, load_model, non_negative, one_line_errors,
+                   one_of, parse_config, pick_device, positive, run_fields, to_device)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Config:
     """pairs per step"""
     lr: float = 5e-4
     weight_decay: float = 0.1
-    max_new_tokens: int = 128
+    max_new_tokens: int = 120
     eval_prompts: int = 256
     """held-out prompts for the RM-gold correlation and the evaluations"""
     bon_prompts: int = 32
@@ -71,6 +72,22 @@ class Config:
 
 PRESETS = {"cpu": {}, "gpu": dict(n_prompts=8000, n_eval_pairs=1024, steps=600, batch_size=64, eval_prompts=512,
                                   bon_prompts=256, bon_max_n=256, rs_prompts=4096, rs_n=16, rs_steps=400)}
+
+
+def check(cfg):
+    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
+    yield one_of(cfg, "stage", "reward", "rejection")
+    yield from files_or_empty(cfg, "data")
+    yield from run_fields(cfg)
+    yield from positive(cfg, "n_prompts", "n_eval_pairs", "tau", "steps", "batch_size", "lr", "max_new_tokens",
+                        "eval_prompts", "bon_prompts", "bon_max_n", "rs_prompts", "rs_n", "rs_steps")
+    yield "k", cfg.k >= 2, ">= 2: a pair needs two samples"
+    yield from non_negative(cfg, "weight_decay")
+    yield sft.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
+    yield sft.enough_prompts(cfg, "rs_prompts", "train", cfg.seed + 4)
+    for field in ("n_eval_pairs", "eval_prompts", "bon_prompts"):  # each drawn by sft.eval_prompts
+        yield sft.enough_prompts(cfg, field, "eval", sft.EVAL_SEED)
+    yield sft.fits_sft_model(cfg)
 
 
 # ----------------------------------------------------------------------------- the labeller and the loss
@@ -160,7 +177,7 @@ def reward_config(cfg):
     if isinstance(cfg, Config):
         return dataclasses.replace(cfg, stage="reward")
     return parse_config(Config, [f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}", f"--device={cfg.device}"],
-                        PRESETS)
+                        PRESETS, check)
 
 
 # ----------------------------------------------------------------------------- training
@@ -259,6 +276,7 @@ def train_reward_model(rm, pairs, cfg, device):
             scores = rm_scores(rm, to_device(ids, device), to_device(mask, device))  # (2B,)
         chosen_rewards, rejected_rewards = scores.float().chunk(2)  # (B,), (B,)
         loss = preference_loss(chosen_rewards, rejected_rewards)
+        check_finite(step, loss=loss)
         sft.optimizer_step(rm, optimizer, loss, sft.lr_at(step, cfg.steps, cfg.lr, warmup=10))
         acc = float((chosen_rewards > rejected_rewards).float().mean())
         history.append({"step": step, "loss": loss.item(), "accuracy": acc})
@@ -274,8 +292,9 @@ def pearson(x, y):
 
 def train(cfg):
     device = pick_device(cfg.device)
+    pairs = load_pairs(cfg.data) if cfg.data else None  # a bad file of the user's is reported before any training
     policy = load_model(sft.ensure_stage("sft", cfg), device)
-    pairs = load_pairs(cfg.data or ensure_pairs(cfg))
+    pairs = pairs or load_pairs(ensure_pairs(cfg))
     eval_prompts = sft.eval_prompts(cfg.n_eval_pairs)
     eval_pairs, ceiling = label_pairs(policy, eval_prompts, cfg.tau, cfg.max_new_tokens, device, cfg.seed + 1)
     print(f"{len(pairs)} training pairs; held-out labels agree with the gold order {ceiling:.3f} (the ceiling)")
@@ -307,9 +326,8 @@ def train(cfg):
     print("  under another prompt: reward model agrees with gold {right:.3f} -> {swapped:.3f} (drop {drop:.3f}); "
           "the gold human itself 1 -> {gold_swapped:.3f} (drop {gold_drop:.3f})".format(**metrics["prompt_swap"]))
     metrics["best_of_n"] = best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device)
-    out = os.path.join(cfg.out_dir, "reward")
-    save_checkpoint(os.path.join(out, "model.pt"), rm, step=cfg.steps)
-    sft.write_metrics(out, {**metrics, "config": asdict(cfg), "history": history})
+    sft.save_stage(os.path.join(cfg.out_dir, "reward"), rm, {**metrics, "config": asdict(cfg), "history": history},
+                   step=cfg.steps)
     return metrics
 
 
@@ -371,23 +389,15 @@ def rejection_sampling(cfg):
     metrics, _, _ = sft.compare_with_sft(policy, sft_model, eval_prompts, cfg.max_new_tokens, device, cfg.seed)
     metrics["train_gold_best_of_n"] = sum(data.gold_reward(p, b) for p, b in zip(prompts, best)) / len(best)
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-    out = os.path.join(cfg.out_dir, "rejection")
-    save_checkpoint(os.path.join(out, "model.pt"), policy, step=cfg.rs_steps)
-    sft.write_metrics(out, {**metrics, "config": asdict(cfg), "history": history})
+    sft.save_stage(os.path.join(cfg.out_dir, "rejection"), policy,
+                   {**metrics, "config": asdict(cfg), "history": history}, step=cfg.rs_steps)
     return metrics
 
 
 def main():
-    cfg = parse_config(Config, presets=PRESETS)
-    try:
-        if cfg.stage == "reward":
-            train(cfg)
-        elif cfg.stage == "rejection":
-            rejection_sampling(cfg)
-        else:
-            raise SystemExit(f"error: --stage={cfg.stage!r}; valid: reward, rejection")
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = parse_config(Config, presets=PRESETS, check=check)
+    with one_line_errors():
+        (train if cfg.stage == "reward" else rejection_sampling)(cfg)
 
 
 if __name__ == "__main__":

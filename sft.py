@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 import data
-from model import (GPT, GPTConfig, autocast, load_model, parse_config, pick_device, save_checkpoint, to_device,
-                   token_logprobs)
+from model import (GPT, GPTConfig, atomic_write, autocast, check_finite, deferred_interrupt, files_or_empty, interval,
+                   load_model, non_negative, one_line_errors, one_of, parse_config, pick_device, positive, run_fields,
+                   save_checkpoint, to_device, token_logprobs)
 
 
 @dataclass
@@ -61,13 +62,61 @@ class Config:
     weight_decay: float = 0.1
     eval_prompts: int = 128
     """held-out prompts for the gold-human evaluation"""
-    max_new_tokens: int = 128
+    max_new_tokens: int = 120
     compile: bool = False
     """pretraining only: run the forward through torch.compile (pays on CUDA; fixed shapes, one compile)"""
 
 
 PRESETS = {"cpu": {}, "gpu": dict(n_layer=8, n_head=8, n_embd=512, n_docs=100000, n_demos=20000,
                                   pretrain_steps=2000, sft_steps=600, batch_size=64, lr=1e-3, eval_prompts=512)}
+
+
+def check(cfg):
+    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
+    yield one_of(cfg, "stage", "pretrain", "sft")
+    yield one_of(cfg, "objective", "clm", "mlm")
+    yield from files_or_empty(cfg, "corpus", "data")
+    yield from run_fields(cfg)
+    yield from positive(cfg, "n_layer", "n_head", "n_embd", "block_size", "n_docs", "n_demos", "pretrain_steps",
+                        "sft_steps", "batch_size", "lr", "eval_prompts", "max_new_tokens")
+    yield "n_head", cfg.n_embd % cfg.n_head == 0, f"a divisor of --n_embd={cfg.n_embd}"
+    yield interval(cfg, "dropout", "[0, 1)")
+    yield from non_negative(cfg, "weight_decay")
+    if not cfg.data:
+        yield enough_prompts(cfg, "n_demos", "train", cfg.seed)
+    yield enough_prompts(cfg, "eval_prompts", "eval", EVAL_SEED)
+    if cfg.stage == "sft" or cfg.objective == "clm":  # a model that will answer prompts: SFT fine-tunes this one
+        P = data.longest_prompt_tokens()
+        yield "block_size", cfg.block_size >= P + 2, f">= {P + 2}: the longest prompt ({P} tokens), a response and EOT"
+        yield max_new_tokens_fit(cfg, cfg.block_size, f"--block_size={cfg.block_size}")
+
+
+# ----------------------------------------------------------------------------- checks the later stages share
+
+def enough_prompts(cfg, field, split, seed):
+    """A check row: data.tasks can draw the field's number of distinct prompts of split (it says how many there are
+    when it cannot)."""
+    try:
+        data.tasks(split, getattr(cfg, field), seed)
+        return field, True, ""
+    except ValueError as e:
+        return field, False, f"at most what the world has ({e})"
+
+
+def max_new_tokens_fit(cfg, block_size, where):
+    """The check row of max_new_tokens: the world's longest prompt, the response and the EOT the reward model reads
+    after a response that was cut off fit block_size."""
+    P = data.longest_prompt_tokens()
+    # P + max_new_tokens + 1 <= block_size
+    return "max_new_tokens", P + cfg.max_new_tokens + 1 <= block_size, \
+        f"<= {block_size - P - 1}, so the longest prompt ({P} tokens), the response and EOT fit {where}"
+
+
+def fits_sft_model(cfg):
+    """max_new_tokens_fit for a later stage, against the block_size of the SFT model its preset builds. A checkpoint
+    trained with another --block_size is checked only when it is used (GPT.trunk raises, in one line)."""
+    block_size = dataclasses.replace(Config(), **PRESETS[cfg.preset]).block_size
+    return max_new_tokens_fit(cfg, block_size, f"block_size {block_size} of the {cfg.preset} preset's SFT model")
 
 
 # ----------------------------------------------------------------------------- optimisation, shared by every stage
@@ -99,11 +148,16 @@ def optimizer_step(model, optimizer, loss, lr, clip=1.0):
 
 
 def write_metrics(out_dir, metrics):
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "metrics.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(os.path.join(out_dir, "metrics.json")) as f:
         json.dump(metrics, f, indent=1)
-    os.replace(path + ".tmp", path)
+
+
+def save_stage(out_dir, model, metrics, step):
+    """A stage's two files, both or neither: each is written to a temporary file and renamed, Ctrl-C waits until both
+    are in place, and model.pt, whose presence tells later stages this one is done, comes last."""
+    with deferred_interrupt():
+        write_metrics(out_dir, metrics)
+        save_checkpoint(os.path.join(out_dir, "model.pt"), model, step=step)
 
 
 def log(step, **fields):
@@ -114,9 +168,12 @@ def log(step, **fields):
 
 # ----------------------------------------------------------------------------- sampling and the gold evaluation
 
+EVAL_SEED = 7
+
+
 def eval_prompts(n):
     """The held-out prompts every stage is scored on (the "eval" split of data.tasks)."""
-    return [data.alpaca_prompt(i, x) for i, x in data.tasks("eval", n, seed=7)]
+    return [data.alpaca_prompt(i, x) for i, x in data.tasks("eval", n, seed=EVAL_SEED)]
 
 
 @torch.no_grad()
@@ -209,13 +266,14 @@ def pretrain(cfg):
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     mlm = cfg.objective == "mlm"
-    if cfg.objective not in ("clm", "mlm"):
-        raise SystemExit(f"error: --objective={cfg.objective!r}; valid: clm, mlm")
     docs = data.load_corpus(cfg.corpus) if cfg.corpus else data.pretrain_corpus(cfg.n_docs, seed=cfg.seed)
     eot = data.special(data.EOT)
     stream = torch.tensor([t for d in docs for t in data.encode(d) + [eot]])  # the corpus as one token stream
     n_val = max(len(stream) // 20, cfg.block_size + 2)
     train_stream, val_stream = stream[:-n_val], stream[-n_val:]
+    if len(train_stream) <= cfg.block_size:  # lm_batch draws windows of block_size + 1 tokens
+        raise ValueError(f"a corpus of {len(stream)} tokens is too short for --block_size={cfg.block_size}; "
+                         f"raise --n_docs or pass a longer --corpus")
     # the exact vocabulary: padding it to a multiple of 64 would leave ids no token decodes to, yet sampling can draw
     model = GPT(GPTConfig(data.tokenizer().n_vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout,
                           causal=not mlm)).to(device)
@@ -237,6 +295,7 @@ def pretrain(cfg):
         x, y = batch(train_stream)
         with autocast(device):
             _, loss = forward(x, y)
+        check_finite(step, loss=loss)
         optimizer_step(model, optimizer, loss, lr_at(step, cfg.pretrain_steps, cfg.lr))
         history.append({"step": step, "loss": loss.item()})
         log(step, loss=loss.item(), ms=int(1000 * (time.time() - t0)))
@@ -246,8 +305,7 @@ def pretrain(cfg):
     metrics = {"objective": cfg.objective, "val_loss": val_loss, "train_loss": history[-1]["loss"],
                "params": model.num_params(), "config": asdict(cfg), "history": history}
     out = os.path.join(cfg.out_dir, "pretrain_mlm" if mlm else "pretrain")
-    save_checkpoint(os.path.join(out, "model.pt"), model, step=cfg.pretrain_steps)
-    write_metrics(out, metrics)
+    save_stage(out, model, metrics, step=cfg.pretrain_steps)
     print(f"val loss {val_loss:.4f} -> {out}/model.pt")
     return metrics
 
@@ -274,6 +332,7 @@ def finetune(model, examples, steps, lr, cfg, device, tag="sft"):
         ids, labels = sft_batch(examples, cfg.batch_size, rng, device)
         with autocast(device):
             _, loss = model(ids, labels)  # mean over response tokens only: prompt labels are -1
+        check_finite(step, **{f"{tag}_loss": loss})
         optimizer_step(model, optimizer, loss, lr_at(step, steps, lr, warmup=10))
         history.append({"step": step, "loss": loss.item()})
         log(step, **{f"{tag}_loss": loss.item()}, ms=int(1000 * (time.time() - t0)))
@@ -294,9 +353,10 @@ def sft_val_loss(model, examples, device, batch_size=64):
 
 def sft(cfg):
     device = pick_device(cfg.device)
+    # the demonstrations first: a bad file of the user's is reported before anything is pretrained
+    demos = data.load_sft_jsonl(cfg.data) if cfg.data else data.sft_examples(cfg.n_demos, seed=cfg.seed)
     base = ensure_stage("pretrain", cfg)
     torch.manual_seed(cfg.seed)
-    demos = data.load_sft_jsonl(cfg.data) if cfg.data else data.sft_examples(cfg.n_demos, seed=cfg.seed)
     model = load_model(base, device)
     train = data.sft_tensors(demos, model.config.block_size)
     val = data.sft_tensors(data.sft_examples(256, seed=99, split="eval"), model.config.block_size)
@@ -310,10 +370,8 @@ def sft(cfg):
     print(f"sft: {json.dumps(after)}")
     for p, t in list(zip(prompts, texts))[:3]:
         print(f"--- {p.split('### Instruction:')[-1].strip()!r}\n{t}")
-    out = os.path.join(cfg.out_dir, "sft")
-    save_checkpoint(os.path.join(out, "model.pt"), model, step=cfg.sft_steps)
     metrics = {**after, "pretrained": before, "config": asdict(cfg), "history": history}
-    write_metrics(out, metrics)
+    save_stage(os.path.join(cfg.out_dir, "sft"), model, metrics, step=cfg.sft_steps)
     return metrics
 
 
@@ -327,22 +385,15 @@ def ensure_stage(stage, cfg):
             stage_cfg = dataclasses.replace(cfg, stage=stage)
         else:
             stage_cfg = parse_config(Config, [f"--stage={stage}", f"--preset={cfg.preset}",
-                                              f"--out_dir={cfg.out_dir}", f"--device={cfg.device}"], PRESETS)
+                                              f"--out_dir={cfg.out_dir}", f"--device={cfg.device}"], PRESETS, check)
         (pretrain if stage == "pretrain" else sft)(stage_cfg)
     return path
 
 
 def main():
-    cfg = parse_config(Config, presets=PRESETS)
-    try:
-        if cfg.stage == "pretrain":
-            pretrain(cfg)
-        elif cfg.stage == "sft":
-            sft(cfg)
-        else:
-            raise SystemExit(f"error: --stage={cfg.stage!r}; valid: pretrain, sft")
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = parse_config(Config, presets=PRESETS, check=check)
+    with one_line_errors():
+        (pretrain if cfg.stage == "pretrain" else sft)(cfg)
 
 
 if __name__ == "__main__":

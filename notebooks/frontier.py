@@ -39,7 +39,8 @@ import dpo  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
-from model import load_model, parse_config, pick_device  # noqa: E402
+from model import (atomic_write, deferred_interrupt, load_model, non_negative, one_line_errors,  # noqa: E402
+                   parse_config, pick_device, run_fields)
 
 
 @dataclass
@@ -65,6 +66,23 @@ class Config:
 
 
 PRESETS = {"cpu": {}, "gpu": {}}  # the sweep's own fields are the same on both; the preset sizes each stage's runs
+
+
+def check(cfg):
+    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails. The runs'
+    own configs are checked when train() parses them, before anything is trained."""
+    yield from run_fields(cfg)
+    yield "ppo_betas", betas(cfg.ppo_betas, lambda b: b >= 0), "comma-separated numbers >= 0"
+    yield "dpo_betas", betas(cfg.dpo_betas, lambda b: b > 0), "comma-separated numbers > 0"
+    yield from non_negative(cfg, "overopt_kl_coef", "overopt_steps", "steps")
+
+
+def betas(text, allowed):
+    """Whether text is comma-separated numbers, each allowed."""
+    try:
+        return all(allowed(b) for b in floats(text))
+    except ValueError:
+        return False
 
 
 # ----------------------------------------------------------------------------- plots and tables, pure functions
@@ -186,8 +204,8 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
     cfg.steps); every run changes only beta, and out_dir to its own folder. Returns the results dict."""
     start, device = time.time(), pick_device(cfg.device)
     argv = [f"--preset={cfg.preset}", f"--device={cfg.device}"] + ([f"--steps={cfg.steps}"] if cfg.steps else [])
-    ppo_cfg = ppo_cfg or parse_config(ppo.Config, argv, ppo.PRESETS)
-    dpo_cfg = dpo_cfg or parse_config(dpo.Config, argv, dpo.PRESETS)
+    ppo_cfg = ppo_cfg or parse_config(ppo.Config, argv, ppo.PRESETS, ppo.check)
+    dpo_cfg = dpo_cfg or parse_config(dpo.Config, argv, dpo.PRESETS, dpo.check)
     # 1. the shared earlier stages, built if missing: pretrain -> SFT -> reward model and its preference pairs
     rm_path = reward.ensure_reward(cfg)
     sft_path, pairs_path = sft.ensure_stage("sft", cfg), reward.ensure_pairs(cfg)
@@ -244,7 +262,6 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
 
 def write_outputs(folder, results):
     """results.json, table.md, frontier.svg and (with an over-optimisation run) overoptimization.svg."""
-    os.makedirs(folder, exist_ok=True)
     files = {"results.json": json.dumps(results, indent=1), "table.md": markdown_table(results["rows"]),
              "frontier.svg": svg_plot(frontier_series(results["rows"]), "KL(pi || pi_sft) (nats)",
                                       "gold reward (held-out prompts)", "Reward-KL frontier on the gold human")}
@@ -255,18 +272,17 @@ def write_outputs(folder, results):
             [("RM score (proxy)", kls, scores), ("gold reward", kls, golds)],
             "KL(pi || pi_sft) of the rollouts (nats)", "mean reward of the rollouts (5-step running mean)",
             f"Over-optimisation: PPO, {results['overoptimization']['setting']}", markers=False)
-    for name, text in files.items():
-        with open(os.path.join(folder, name), "w") as f:
-            f.write(text)
+    with deferred_interrupt():  # the four files together: Ctrl-C waits until they are written
+        for name, text in files.items():
+            with atomic_write(os.path.join(folder, name)) as f:
+                f.write(text)
     print(f"wrote {', '.join(files)} to {folder}")
 
 
 def main():
-    cfg = parse_config(Config, presets=PRESETS)
-    try:
+    cfg = parse_config(Config, presets=PRESETS, check=check)
+    with one_line_errors():
         results = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
     for r in results["rows"] + ([results["overoptimization"]] if "overoptimization" in results else []):
         print(f"{r['method']:>18} {r['setting']:<22} {r['seconds']:7.0f}s")
     print(f"{'total':>18} {'':<22} {results['seconds']:7.0f}s\n\n{markdown_table(results['rows'])}")
