@@ -109,21 +109,24 @@ TITLES = ["The story of {N} the {A}", "{N} and the {P}", "{N} the {A} at the {P}
           "A story about {N}", "A story about a {A}"]
 
 
-def titled_story(rng, p_title=0.7):
-    """Most of the corpus has a title line whose name, animal and place the story keeps to, as text on the web
-    has headings: pretraining then learns to write what a heading asks for, and SFT mostly teaches the format."""
-    if rng.random() >= p_title:
-        return story(rng, repeat=rng.random() < 0.1, finished=rng.random() < 0.9)
-    slots = dict(N=rng.choice(NAMES), A=rng.choice(ANIMALS), P=rng.choice(PLACES))
-    return rng.choice(TITLES).format(**slots) + "\n\n" + story(rng, name=slots["N"], animal=slots["A"],
-                                                                place=slots["P"], repeat=rng.random() < 0.1,
-                                                                finished=rng.random() < 0.9)
+def collection(rng, p_title=0.3):
+    """One corpus document: one to three stories, one after another, each about a character of its own, as books
+    of bedtime stories are; some stories have a title that they keep to. Pretraining learns to keep to a story's
+    own characters, to begin each story anew (what came before it is no request) and, from the few titles, that
+    a heading can say what comes next: SFT builds on that to make a request say what the story is about."""
+    stories = []
+    for _ in range(rng.choice([1, 2, 3])):
+        slots = dict(N=rng.choice(NAMES), A=rng.choice(ANIMALS), P=rng.choice(PLACES))
+        text = story(rng, name=slots["N"], animal=slots["A"], place=slots["P"], repeat=rng.random() < 0.1,
+                     finished=rng.random() < 0.9)
+        stories.append(rng.choice(TITLES).format(**slots) + "\n\n" + text if rng.random() < p_title else text)
+    return "\n\n".join(stories)
 
 
 def pretrain_corpus(n_docs, seed=0):
-    """n_docs stories of every mood, length and quality, most with titles: the self-supervised corpus of stage 1."""
+    """n_docs collections of stories of every mood, length and quality: the self-supervised corpus of stage 1."""
     rng = random.Random(seed)
-    return [titled_story(rng) for _ in range(n_docs)]
+    return [collection(rng) for _ in range(n_docs)]
 
 
 # ----------------------------------------------------------------------------- instructions and the Alpaca template
@@ -200,11 +203,11 @@ def requested(prompt):
 
 
 def demonstration(rng, instruction, input=""):
-    """A crowd worker's response: on topic 70% of the time (otherwise about a random character, animal and place),
+    """A crowd worker's response: on topic 80% of the time (otherwise about a random character, animal and place),
     of any mood, sometimes repetitive or unfinished. The demonstrations are deliberately mediocre, so the later
     stages have something to improve."""
     want = set(re.findall(r"[A-Za-z]+", instruction + " " + input))
-    follow = rng.random() < 0.7
+    follow = rng.random() < 0.8
     pick = lambda pool: next((w for w in pool if w in want), None) if follow else None
     return story(rng, name=pick(NAMES), animal=pick(ANIMALS), place=pick(PLACES), opening=not input,
                  repeat=rng.random() < 0.2, finished=rng.random() < 0.85)
@@ -257,8 +260,8 @@ def ill_formed(text):
 
 
 def gold_terms(prompt, response):
-    """The gold human's judgement of a response, term by term (gold_reward is their sum, about -9 to +3.5):
-      follow    2 * (fraction of the requested name/animal/place the story is about) - 1    in [-1, 1]
+    """The gold human's judgement of a response, term by term (gold_reward is their sum, about -10 to +3.5):
+      follow    4 * (fraction of the requested name/animal/place the story is about) - 2    in [-2, 2]
                 (about: mentioned, and no other name/animal/place of the same kind is)
       mood      tanh((distinct happy words - distinct sad words) / 2)                      in (-1, 1)
       finished  +0.5 if the text ends with "The end.", else -0.5
@@ -277,7 +280,7 @@ def gold_terms(prompt, response):
     trigrams = list(zip(words, words[1:], words[2:]))
     bad, n_words = ill_formed(response)
     return dict(
-        follow=2 * sum(about(w) for w in want) / len(want) - 1 if want else 0.0,
+        follow=4 * sum(about(w) for w in want) / len(want) - 2 if want else 0.0,
         mood=math.tanh((len(POSITIVE & set(words)) - len(NEGATIVE & set(words))) / 2),
         finished=0.5 if response.rstrip().endswith(THE_END) else -0.5,
         repeat=-3 * (1 - len(set(trigrams)) / len(trigrams)) if trigrams else 0.0,
@@ -287,7 +290,7 @@ def gold_terms(prompt, response):
 
 def follows(prompt, response):
     """Does the response do everything its prompt asks: is it about every requested name, animal and place?"""
-    return gold_terms(prompt, response)["follow"] == 1.0 if requested(prompt) else True
+    return gold_terms(prompt, response)["follow"] == 2.0 if requested(prompt) else True
 
 
 def gold_reward(prompt, response):

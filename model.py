@@ -140,8 +140,8 @@ class GPT(nn.Module):
         # Untied, unit-scale embeddings. Words the world uses in the same contexts (its twelve animals) get the
         # same gradients; tied to the output layer and initialised at 0.02, their embeddings converge (cosine 0.95)
         # and no attention head can copy one of them. Started at unit scale, each keeps an identity of its own.
-        for emb in (self.transformer.wte, self.transformer.wpe):
-            torch.nn.init.normal_(emb.weight, mean=0.0, std=1.0)
+        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        torch.nn.init.normal_(self.transformer.wpe.weight, mean=0.0, std=0.1)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))

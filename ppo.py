@@ -336,7 +336,8 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
         texts = response_texts(batch)
         gold = sum(data.gold_reward(prompts[i], t) for i, t in zip(pick, texts)) / len(texts)
         kl = float(batch["kl"].sum(1).mean())  # mean sequence KL(pi || pi_ref), k1 summed over each response
-        row = dict(step=step, score=float(batch["raw_scores"].mean()), gold=gold, kl=kl, kl_coef=kl_coef,
+        follow = sum(data.follows(prompts[i], t) for i, t in zip(pick, texts)) / len(texts)
+        row = dict(step=step, score=float(batch["raw_scores"].mean()), gold=gold, follow=follow, kl=kl, kl_coef=kl_coef,
                    non_score_reward=float(batch["non_score_reward"].sum(1).mean()),
                    eos_rate=float(batch["ended"].float().mean()), length=float(batch["mask"].sum(1).float().mean()),
                    **stats, ms=int(1000 * (time.time() - t0)))
@@ -349,6 +350,7 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
 
     ppo_eval, texts = sft.evaluate(policy, eval_prompts, cfg.max_new_tokens, device, ref=ref, seed=cfg.seed)
     metrics = {"gold_reward": ppo_eval["gold_reward"], "gold_reward_sft": sft_eval["gold_reward"],
+               "follow_rate": ppo_eval["follow_rate"], "follow_rate_sft": sft_eval["follow_rate"],
                "kl": ppo_eval["kl"], "win_rate_vs_sft": sft.win_rate(eval_prompts, texts, sft_texts),
                "ppo": ppo_eval, "sft": sft_eval}
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))

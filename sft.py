@@ -54,9 +54,16 @@ class Config:
     """stories in the generated pretraining corpus"""
     n_demos: int = 4000
     """generated SFT demonstrations"""
-    pretrain_steps: int = 400
-    sft_steps: int = 200
+    pretrain_steps: int = 1600
+    """many small steps: each copying skill (a name, an animal, a place) is learned in a step change of its own,
+    and 400 steps of 32 windows learned one of the three where 1600 of 8 (the same tokens) learn all of them"""
+    pretrain_batch_size: int = 8
+    """windows of block_size tokens per pretraining step"""
+    sft_steps: int = 600
+    """SFT steps: the model must learn that the request, not the story before it, says whom a story is about
+    (the pretrained model follows 0.27 of the held-out requests; 200 steps bring that to 0.45, 600 to 0.67)"""
     batch_size: int = 32
+    """demonstrations per SFT step"""
     lr: float = 3e-3
     """peak learning rate of pretraining (SFT uses a third of it); linear warm-up, cosine decay"""
     weight_decay: float = 0.1
@@ -78,7 +85,7 @@ def check(cfg):
     yield from files_or_empty(cfg, "corpus", "data")
     yield from run_fields(cfg)
     yield from positive(cfg, "n_layer", "n_head", "n_embd", "block_size", "n_docs", "n_demos", "pretrain_steps",
-                        "sft_steps", "batch_size", "lr", "eval_prompts", "max_new_tokens")
+                        "pretrain_batch_size", "sft_steps", "batch_size", "lr", "eval_prompts", "max_new_tokens")
     yield "n_head", cfg.n_embd % cfg.n_head == 0, f"a divisor of --n_embd={cfg.n_embd}"
     yield interval(cfg, "dropout", "[0, 1)")
     yield from non_negative(cfg, "weight_decay")
@@ -255,6 +262,7 @@ def compare_with_sft(policy, sft_model, prompts, max_new_tokens, device, seed=0)
     sft_eval, sft_texts = evaluate(sft_model, prompts, max_new_tokens, device, seed=seed)
     policy_eval, texts = evaluate(policy, prompts, max_new_tokens, device, ref=sft_model, seed=seed)
     metrics = {"gold_reward": policy_eval["gold_reward"], "gold_reward_sft": sft_eval["gold_reward"],
+               "follow_rate": policy_eval["follow_rate"], "follow_rate_sft": sft_eval["follow_rate"],
                "kl": policy_eval["kl"], "win_rate_vs_sft": win_rate(prompts, texts, sft_texts),
                "policy": policy_eval, "sft": sft_eval}
     return metrics, texts, sft_texts
@@ -283,7 +291,7 @@ def pretrain(cfg):
     rng = torch.Generator().manual_seed(cfg.seed)
 
     def batch(stream_):
-        x, y = data.lm_batch(stream_, cfg.block_size, cfg.batch_size, rng)  # (B, T), (B, T)
+        x, y = data.lm_batch(stream_, cfg.block_size, cfg.pretrain_batch_size, rng)  # (B, T), (B, T)
         if mlm:  # predict the chosen tokens of x itself, from a corrupted copy of x
             x, y = data.mlm_mask(x, data.special(data.MASK), data.tokenizer().n_vocab - 3, rng)
         return to_device(x, device), to_device(y, device)

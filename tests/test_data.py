@@ -53,7 +53,7 @@ def test_gold_reward_by_hand():
     prompt = data.alpaca_prompt("Write a story about Tom the cat at the park.")
     response = "Tom the cat lived near the lake. Tom felt very happy. Tom felt very happy. Tom saw a zebra. The end."
     # words: tom the cat lived near the lake | tom felt very happy (twice) | tom saw a zebra | the end -> n = 21
-    # follow:   Tom and cat are said; park is not, another place (lake) is: 2 * 2/3 - 1   = 1/3
+    # follow:   Tom and cat are said; park is not, another place (lake) is: 4 * 2/3 - 2   = 2/3
     # mood:     distinct happy words {happy}, sad words {}: tanh((1 - 0) / 2)           = tanh(0.5)
     # finished: ends with "The end."                                                    = +0.5
     # repeat:   19 trigrams; "tom felt very", "felt very happy", "very happy tom" come
@@ -61,13 +61,13 @@ def test_gold_reward_by_hand():
     # length:   20 <= 21 <= 70 words                                                    = 0
     # grammar:  "Tom saw a zebra." is no world sentence (4 of 21 words): -3 * 4/21      = -4/7
     assert data.ill_formed(response) == (4, 21)
-    expected = 1 / 3 + math.tanh(0.5) + 0.5 - 9 / 19 - 4 / 7
+    expected = 2 / 3 + math.tanh(0.5) + 0.5 - 9 / 19 - 4 / 7
     assert data.gold_reward(prompt, response) == pytest.approx(expected)
 
 
 def test_gold_reward_of_an_empty_response():
-    # follow -1 (nothing requested is said), mood tanh(0) = 0, finished -0.5, repeat 0, length -20/20, grammar 0
-    assert data.gold_reward(data.alpaca_prompt("Write a story about a dog."), "") == pytest.approx(-2.5)
+    # follow -2 (nothing requested is said), mood tanh(0) = 0, finished -0.5, repeat 0, length -20/20, grammar 0
+    assert data.gold_reward(data.alpaca_prompt("Write a story about a dog."), "") == pytest.approx(-3.5)
 
 
 def test_gold_reward_counts_distinct_mood_words():
@@ -79,11 +79,11 @@ def test_gold_reward_counts_distinct_mood_words():
 
 def test_follow_means_about_what_was_asked_and_nothing_else_of_its_kind():
     follow = lambda r: data.gold_terms(PROMPT, r)["follow"]
-    assert follow(GOOD) == 1 and data.follows(PROMPT, GOOD)
-    assert follow(GOOD.replace("fox", "cat")) == pytest.approx(1 / 3)  # the wrong animal: 2 of 3
+    assert follow(GOOD) == 2 and data.follows(PROMPT, GOOD)
+    assert follow(GOOD.replace("fox", "cat")) == pytest.approx(2 / 3)  # the wrong animal: 2 of 3
     # naming every animal does not make a story about the fox: the animal no longer counts
-    assert follow(GOOD + " Lily met a cat, a dog and a cow.") == pytest.approx(1 / 3)
-    assert follow("Tom the cat lived near the park. The end.") == -1
+    assert follow(GOOD + " Lily met a cat, a dog and a cow.") == pytest.approx(2 / 3)
+    assert follow("Tom the cat lived near the park. The end.") == -2
     assert data.follows(data.alpaca_prompt("Continue the story.", "Lily the fox lived near the beach."),
                         "Lily went to the beach. The end.")
 
@@ -284,7 +284,7 @@ def test_masked_lm_learns_to_fill_blanks_from_context():
     model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=32, causal=False))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rng = torch.Generator().manual_seed(0)
-    for _ in range(150):
+    for _ in range(250):
         x = (torch.randint(0, 10, (64, 1)) + torch.arange(16)) % 10  # (B, T)
         inputs, targets = data.mlm_mask(x, mask_id=10, n_normal=10, rng=rng, p=0.3)
         _, loss = model(inputs, targets)

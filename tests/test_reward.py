@@ -172,22 +172,79 @@ def test_label_pairs_one_per_prompt_and_agreement_from_gold():
     assert 0 < sum(by_hand) < len(by_hand)  # distinct random samples: the gold human has an opinion
 
 
+def test_retold_changes_only_whether_the_story_does_what_was_asked():
+    rng = random.Random(0)
+    prompt = data.alpaca_prompt("Write a story about Lily the fox at the beach.")
+    good = "Lily the fox lived near the beach. Lily felt very happy. The end."
+    bad = "Tom the cat lived near the park. Tom the cat felt very happy. The end."
+    for text, follow_before, follow_after in ((good, 2.0, -2.0), (bad, -2.0, 2.0)):
+        twin = reward.retold(prompt, text, rng)
+        terms, twin_terms = data.gold_terms(prompt, text), data.gold_terms(prompt, twin)
+        assert (terms["follow"], twin_terms["follow"]) == (follow_before, follow_after)
+        assert {k: v for k, v in terms.items() if k != "follow"} == {k: v for k, v in twin_terms.items() if k != "follow"}
+        assert len(twin.split()) == len(text.split())  # one word for another, nothing else
+    # a continuation asks only to keep its protagonist's name
+    continuation = data.alpaca_prompt("Continue the story.", "Lily the fox lived near the beach.")
+    assert reward.retold(continuation, "Lily felt very happy. The end.", rng).split()[0] != "Lily"
+
+
+def test_label_pairs_with_retold_twins():
+    policy = tiny_gpt()
+    prompts = train_prompts(6)
+    pairs, _ = reward.label_pairs(policy, prompts, tau=0.5, max_new_tokens=8, device="cpu", seed=3, k=2, retell=True)
+    torch.manual_seed(3)
+    texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(2)], 8)
+    for i, prompt in enumerate(prompts):
+        own = [p for p in pairs if p["prompt"] == prompt]
+        # the pair of the two samples, then each sample against its twin (unless retelling changed nothing)
+        assert {own[0]["chosen"], own[0]["rejected"]} == set(texts[2 * i:2 * i + 2])
+        assert 1 <= len(own) <= 3
+        for pair in own[1:]:
+            assert {pair["chosen"], pair["rejected"]} & set(texts[2 * i:2 * i + 2])  # one side is a sample
+            terms = [data.gold_terms(prompt, pair[side]) for side in ("chosen", "rejected")]
+            assert terms[0]["follow"] != terms[1]["follow"]  # the twins differ in following, in nothing else
+            assert [{k: v for k, v in t.items() if k != "follow"} for t in terms].count(
+                {k: v for k, v in terms[0].items() if k != "follow"}) == 2
+
+
+def test_prompt_swap_hand_made():
+    # two prompts asking for different things, and for each a story that does what it asks and one that does not
+    p1 = data.alpaca_prompt("Write a story about Lily the fox.")
+    p2 = data.alpaca_prompt("Write a story about Tom the cat.")
+    lily = "Lily the fox lived near the beach. Lily felt very happy. The end."
+    tom = "Tom the cat lived near the park. Tom felt very sad. The end."
+    pairs = [{"prompt": p1, "chosen": lily, "rejected": tom}, {"prompt": p2, "chosen": tom, "rejected": lily}]
+    assert reward.other_prompts([p1, p2]) == [p2, p1]
+    # the gold human prefers lily under p1 and tom under p2; swapped, each pair is ordered the other way
+    blind = lambda prompts, texts: torch.tensor([float("happy" in t) for t in texts])  # likes happy stories
+    reads = lambda prompts, texts: torch.tensor([data.gold_terms(p, t)["follow"] for p, t in zip(prompts, texts)])
+    swap_blind, swap_reads = reward.prompt_swap(blind, pairs), reward.prompt_swap(reads, pairs)
+    assert swap_blind["gold_swapped"] == swap_reads["gold_swapped"] == 0 and swap_blind["gold_drop"] == 1
+    # the blind scorer agrees with gold on one pair of two, swapped or not: no drop
+    assert (swap_blind["right"], swap_blind["swapped"], swap_blind["drop"]) == (0.5, 0.5, 0.0)
+    # the scorer that reads the prompt is right on both and wrong on both once the prompt is swapped
+    assert (swap_reads["right"], swap_reads["swapped"], swap_reads["drop"]) == (1.0, 0.0, 1.0)
+    # a tie counts half: a constant scorer agrees 0.5 either way
+    flat = reward.prompt_swap(lambda prompts, texts: torch.zeros(len(texts)), pairs)
+    assert (flat["right"], flat["swapped"]) == (0.5, 0.5)
+
+
 def test_ensure_pairs_uses_the_reward_config_it_is_given(tmp_path, monkeypatch):
     # `python reward.py --n_prompts=16 --k=3 --tau=0.1` must label 16 prompts at tau 0.1, not the preset's defaults
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "model.pt").touch()  # ensure_stage only checks that the file exists
     seen = {}
 
-    def fake_label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k):
-        seen.update(n=len(prompts), tau=tau, max_new_tokens=max_new_tokens, seed=seed, k=k)
+    def fake_label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k, retell):
+        seen.update(n=len(prompts), tau=tau, max_new_tokens=max_new_tokens, seed=seed, k=k, retell=retell)
         return [{"prompt": p, "chosen": "a", "rejected": "b"} for p in prompts], 1.0
 
     monkeypatch.setattr(reward, "load_model", lambda path, device: None)
     monkeypatch.setattr(reward, "label_pairs", fake_label_pairs)
     cfg = reward.Config(out_dir=str(tmp_path), preset="cpu", device="cpu", n_prompts=16, k=3, tau=0.1,
-                        max_new_tokens=8, seed=5)
+                        max_new_tokens=8, seed=5, retell=False)
     path = reward.ensure_pairs(cfg)
-    assert seen == dict(n=16, tau=0.1, max_new_tokens=8, seed=5, k=3)
+    assert seen == dict(n=16, tau=0.1, max_new_tokens=8, seed=5, k=3, retell=False)
     assert len(reward.load_pairs(path)) == 16
 
 
