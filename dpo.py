@@ -46,7 +46,7 @@ from model import (autocast, check_finite, files_or_empty, interval, load_model,
 
 @dataclass
 class Config:
-    beta: float = 0.1
+    beta: float = 0.3
     """beta in r_hat(x, y) = beta * log pi(y|x)/pi_ref(y|x): the KL coefficient; larger stays closer to pi_ref"""
     loss_type: str = "sigmoid"
     """sigmoid: DPO's -log sigmoid(beta h); ipo: (h - 1/(2 beta))^2 (Azar et al. 2023)"""
@@ -62,7 +62,7 @@ class Config:
     device: str = "auto"
     """cpu, cuda, or auto"""
     seed: int = 1337
-    steps: int = 60
+    steps: int = 120
     """optimizer steps"""
     batch_size: int = 16
     """preference pairs per step (2 * batch_size sequences in one forward)"""

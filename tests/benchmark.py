@@ -104,7 +104,6 @@ class ReferenceGPT(nn.Module):
             )) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(C, bias=config.bias)))
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight
 
     def forward(self, idx, targets):
         B, T = idx.shape

@@ -55,7 +55,7 @@ def naive_logits(model, ids):
         m = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias)
         x = x + F.gelu(m @ block.mlp.c_fc.weight.T) @ block.mlp.c_proj.weight.T
     x = F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias)
-    return x @ tr.wte.weight.T  # (T, V)
+    return x @ model.lm_head.weight.T  # (T, V): the output layer, untied from the embedding
 
 
 # ----------------------------------------------------------------------------- the forward pass

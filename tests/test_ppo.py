@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 def tiny_gpt(seed=0):
     torch.manual_seed(seed)
     # the tokenizer's exact vocabulary, so a random model never samples an id that cannot be decoded
-    return GPT(GPTConfig(vocab_size=data.tokenizer().n_vocab, block_size=72, n_layer=1, n_head=2, n_embd=32))
+    return GPT(GPTConfig(vocab_size=data.tokenizer().n_vocab, block_size=96, n_layer=1, n_head=2, n_embd=32))
 
 
 def byte_fraction(ids, attention_mask, P):
@@ -160,7 +160,7 @@ def test_tiny_ppo_raises_a_toy_reward(tmp_path):
     ref = copy.deepcopy(policy)
     torch.manual_seed(1)
     critic = ScalarHeadModel(policy.config)
-    cfg = ppo.Config(out_dir=str(tmp_path), device="cpu", steps=12, batch_size=16, n_epochs=2, n_minibatches=2,
+    cfg = ppo.Config(out_dir=str(tmp_path), device="cpu", steps=24, batch_size=16, n_epochs=2, n_minibatches=2,
                      max_new_tokens=8, lr=3e-2, critic_lr=3e-3, kl_coef=0.01, no_eos_penalty=0.0, n_prompts=64,
                      eval_prompts=4, sample_every=0)
     metrics = ppo.train(cfg, policy=policy, ref=ref, critic=critic, reward_fn=byte_fraction)
