@@ -2,7 +2,9 @@
 A small GPT in plain PyTorch, the model every stage shares.
 
 nanoGPT's architecture (Radford et al. 2019): learned position embeddings, pre-LayerNorm blocks, self-attention
-through F.scaled_dot_product_attention, a GELU MLP, and the token embedding tied to the output layer. Departures:
+through F.scaled_dot_product_attention, a GELU MLP. Departures:
+  - the token embedding is not tied to the output layer and starts at unit scale (as in nanochat), so words the
+    world uses in the same contexts keep embeddings of their own (see GPT.__init__).
   - `causal=False` runs the same blocks bidirectionally, for the masked-LM objective (BERT, Devlin et al. 2019).
   - `attention_mask` (B, T) lets left-padded prompts share a batch: pad keys are hidden and positions count real
     tokens only, so a padded row computes exactly what it would alone.

@@ -7,9 +7,12 @@ Stage 3a: preference data, the reward model, best-of-N, and rejection-sampling f
   rejection    fine-tune pi_sft on best-of-N samples of training prompts (Touvron et al. 2023, LLaMA-2 3.2.3)
 
 The reward model is the SFT model with a scalar head (InstructGPT: the RM starts from the SFT model), read at the
-last real token of prompt + response. The pairs are two SFT samples per training prompt, labelled by the simulated
-labeller; they are stored as JSONL {"prompt", "chosen", "rejected"}, and dpo.py trains on the same file. After
-training, the head's bias is shifted so SFT samples score 0 on average (InstructGPT normalises the RM the same way).
+last real token of prompt + response. The pairs are all pairs of k SFT samples per training prompt, and each
+sample against its retold twin (the same story about someone else, or about what was asked: `retold`), labelled by
+the simulated labeller; they are stored as JSONL {"prompt", "chosen", "rejected"}, and dpo.py trains on the same
+file. The twins are a contrast set: without them the reward model ranks stories by mood and ending and does not
+read the prompt (`prompt_swap` measures it). After training, the head's bias is shifted so SFT samples score 0 on
+average (InstructGPT normalises the RM the same way).
 
 Run:  python reward.py                       (builds missing earlier stages; out/reward/)
       python reward.py --stage=rejection     (best-of-N samples become SFT data; out/rejection/)

@@ -159,8 +159,8 @@ def test_train_end_to_end_on_tiny_model(tmp_path):
                      batch_size=2, val_frac=0.34, eval_every=2, eval_prompts=4, max_new_tokens=8)
     metrics = dpo.train(cfg)
     saved = json.loads((tmp_path / "dpo" / "metrics.json").read_text())
-    for key in ["gold_reward", "gold_reward_sft", "kl", "win_rate_vs_sft", "reward_accuracy",
-                "val_reward_accuracy", "history"]:
+    for key in ["gold_reward", "gold_reward_sft", "follow_rate", "follow_rate_sft", "kl", "win_rate_vs_sft",
+                "reward_accuracy", "val_reward_accuracy", "history"]:
         assert key in metrics and key in saved
     assert len(saved["history"]) == 3 and "reward_margin" in saved["history"][0]
     assert os.path.exists(tmp_path / "dpo" / "model.pt")

@@ -168,8 +168,9 @@ def test_tiny_ppo_raises_a_toy_reward(tmp_path):
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.15, scores
     assert os.path.exists(tmp_path / "ppo" / "model.pt")
     saved = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
-    for key in ("gold_reward", "gold_reward_sft", "kl", "win_rate_vs_sft"):
+    for key in ("gold_reward", "gold_reward_sft", "follow_rate", "follow_rate_sft", "kl", "win_rate_vs_sft"):
         assert math.isfinite(saved[key])
-    for key in ("score", "gold", "kl", "kl_coef", "approx_kl", "clipfrac", "entropy", "explained_var", "pg_loss",
+    assert saved["follow_rate"] == saved["ppo"]["follow_rate"] and saved["follow_rate_sft"] == saved["sft"]["follow_rate"]
+    for key in ("score", "gold", "follow", "kl", "kl_coef", "approx_kl", "clipfrac", "entropy", "explained_var", "pg_loss",
                 "vf_loss", "ms"):
         assert key in saved["history"][-1]

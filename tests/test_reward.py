@@ -344,6 +344,11 @@ def test_reward_end_to_end(reward_run):
     # in expectation over the labeller no ranking beats the gold order's
     assert 0 <= saved["heldout_accuracy_expected"] <= saved["label_ceiling_expected"] <= 1
     assert [c["n"] for c in saved["best_of_n"]] == [1, 2, 4] and len(saved["history"]) == cfg.steps
+    # the prompt-swap check is stored, and its drops are what its agreements say
+    swap = saved["prompt_swap"]
+    assert swap["drop"] == pytest.approx(swap["right"] - swap["swapped"])
+    assert swap["gold_drop"] == pytest.approx(1 - swap["gold_swapped"]) and 0 <= swap["gold_swapped"] <= 1
+    assert all(0 <= c["follow_rate"] <= 1 for c in saved["best_of_n"])
     rm = load_model(str(out / "reward" / "model.pt"))
     policy = load_model(str(out / "sft" / "model.pt"))
     assert isinstance(rm, ScalarHeadModel)
