@@ -2,9 +2,9 @@
 The lab's world: a tokenizer, a generated story corpus, instructions, the gold "human", and the data formats.
 
 Nothing is downloaded. Every text comes from a small probabilistic grammar of children's stories, deterministic
-from a seed. A story has a protagonist (a name and an animal), a place, objects and an animal friend, a mood (happy or sad
-sentences), a length, sometimes repeated sentences, and it is finished ("The end.") or cut off. Instructions ask
-for a character, an animal and/or a place, so a response can follow them or not.
+from a seed. A story has a protagonist (a name and an animal), a place, objects and a friend, a mood (happy or
+sad sentences), a length, sometimes repeated sentences, and it is finished ("The end.") or cut off. Instructions
+ask for a character, an animal and/or a place, so a response can follow them or not.
 
 The gold human, `gold_reward(prompt, response)`, scores any text (words a story never uses and repeated words
 included). It stands in for the human whose preferences RLHF tries to learn: later stages never train on it, they
@@ -273,14 +273,11 @@ def gold_terms(prompt, response):
     story's sentences shuffled put its opening and ending out of place."""
     words = re.findall(r"[a-z]+", response.lower())
     n = len(words)
-    want = requested(prompt)
-    said = set(re.findall(r"[A-Za-z]+", response))
-    about = lambda w: w in said and not any(v in said for v in next(k for k in (NAMES, ANIMALS, PLACES) if w in k)
-                                            if v != w)
+    about, asked = requests_met(prompt, response)
     trigrams = list(zip(words, words[1:], words[2:]))
     bad, n_words = ill_formed(response)
     return dict(
-        follow=4 * sum(about(w) for w in want) / len(want) - 2 if want else 0.0,
+        follow=4 * about / asked - 2 if asked else 0.0,
         mood=math.tanh((len(POSITIVE & set(words)) - len(NEGATIVE & set(words))) / 2),
         finished=0.5 if response.rstrip().endswith(THE_END) else -0.5,
         repeat=-3 * (1 - len(set(trigrams)) / len(trigrams)) if trigrams else 0.0,
@@ -288,9 +285,19 @@ def gold_terms(prompt, response):
         grammar=-3 * bad / n_words if n_words else 0.0)
 
 
+def requests_met(prompt, response):
+    """(how many of the requested names, animals and places the story is about, how many were requested). About:
+    mentioned, and no other word of its kind is (a story that names every animal is about none of them)."""
+    said = set(re.findall(r"[A-Za-z]+", response))
+    want = requested(prompt)
+    kind = {w: k for k in (NAMES, ANIMALS, PLACES) for w in k}
+    return sum(w in said and not (said & set(kind[w])) - {w} for w in want), len(want)
+
+
 def follows(prompt, response):
     """Does the response do everything its prompt asks: is it about every requested name, animal and place?"""
-    return gold_terms(prompt, response)["follow"] == 2.0 if requested(prompt) else True
+    about, asked = requests_met(prompt, response)
+    return about == asked
 
 
 def gold_reward(prompt, response):

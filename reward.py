@@ -146,7 +146,9 @@ def score_texts(rm, prompts, responses, device, batch_size=64):
 def retold(prompt, text, rng):
     """The same story about someone else, or about what was asked: for each name, animal and place the prompt
     requests, a story that mentions it gets another of its kind instead, and one that does not gets it in place
-    of its own. The two texts differ only in doing what the prompt asks."""
+    of its own. The two texts differ only in which requests they meet: a story that meets all of them is retold
+    to meet none, and one that meets none to meet all; one that meets some is retold to meet the others, which the
+    gold human can score alike."""
     for kind in (data.NAMES, data.ANIMALS, data.PLACES):
         for want in [w for w in data.requested(prompt) if w in kind]:
             said = [w for w in kind if re.search(rf"\b{w}\b", text)]
@@ -160,8 +162,8 @@ def retold(prompt, text, rng):
 def label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k=2, retell=False):
     """k samples per prompt and every one of their k(k-1)/2 pairs labelled by the simulated human (InstructGPT
     ranks K = 4 to 9 responses per prompt: many comparisons for few samples). With retell, each sample is also
-    compared with its retold twin (retold): k more pairs a prompt that only the request decides, as a contrast
-    set does. Returns (pairs, agreement of the labels with the gold order, ties counted half)."""
+    compared with its retold twin (retold): up to k more pairs a prompt that only the request decides, as a
+    contrast set does. Returns (pairs, agreement of the labels with the gold order, ties counted half)."""
     torch.manual_seed(seed)
     texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(k)], max_new_tokens, device=device,
                            batch_size=128)
@@ -270,13 +272,12 @@ def prompt_swap(score_fn, pairs):
     asks for something else (other_prompts). A prompt-blind scorer orders both alike: its agreement does not drop.
     The gold human's own drop is the most a scorer that reads the prompt as it does can show. Gold ties are skipped.
     Returns {"right", "swapped", "drop", "gold_swapped", "gold_drop", "pairs"}; agreements count ties half."""
-    pairs = [p for p in pairs if data.gold_reward(p["prompt"], p["chosen"]) != data.gold_reward(p["prompt"],
-                                                                                               p["rejected"])]
+    gaps = [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in pairs]
+    pairs, gaps = [p for p, g in zip(pairs, gaps) if g != 0], [g for g in gaps if g != 0]
     prompts = [p["prompt"] for p in pairs]
     swapped = other_prompts(prompts)
     # the gold order under the right prompt: +1 if chosen is better, -1 if rejected is
-    gold = torch.tensor([math.copysign(1, data.gold_reward(p["prompt"], p["chosen"]) -
-                                       data.gold_reward(p["prompt"], p["rejected"])) for p in pairs])  # (N,)
+    gold = torch.tensor([math.copysign(1, g) for g in gaps])  # (N,)
     a, b = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
     agree = lambda diff: float((torch.sign(torch.as_tensor(diff, dtype=torch.float64)) * gold + 1).mean() / 2)
     right = agree(score_fn(prompts, a) - score_fn(prompts, b))

@@ -34,7 +34,8 @@ def test_train_and_eval_tasks_are_disjoint_and_deterministic():
 
 
 def test_requested_reads_the_instruction_and_the_name_of_a_continuation():
-    assert data.requested(data.alpaca_prompt("Write a story about Lily the owl at the lake.")) == ["Lily", "owl", "lake"]
+    prompt = data.alpaca_prompt("Write a story about Lily the owl at the lake.")
+    assert data.requested(prompt) == ["Lily", "owl", "lake"]
     assert data.requested(data.alpaca_prompt("Write a story about a fox.")) == ["fox"]
     # a continuation asks to keep the protagonist its input names; the template's own words ask for nothing
     prompt = data.alpaca_prompt("Continue the story.", "Lily the owl lived near the lake.")

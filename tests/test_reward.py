@@ -181,30 +181,34 @@ def test_retold_changes_only_whether_the_story_does_what_was_asked():
         twin = reward.retold(prompt, text, rng)
         terms, twin_terms = data.gold_terms(prompt, text), data.gold_terms(prompt, twin)
         assert (terms["follow"], twin_terms["follow"]) == (follow_before, follow_after)
-        assert {k: v for k, v in terms.items() if k != "follow"} == {k: v for k, v in twin_terms.items() if k != "follow"}
+        others = lambda t: {k: v for k, v in t.items() if k != "follow"}
+        assert others(terms) == others(twin_terms)
         assert len(twin.split()) == len(text.split())  # one word for another, nothing else
     # a continuation asks only to keep its protagonist's name
     continuation = data.alpaca_prompt("Continue the story.", "Lily the fox lived near the beach.")
     assert reward.retold(continuation, "Lily felt very happy. The end.", rng).split()[0] != "Lily"
 
 
-def test_label_pairs_with_retold_twins():
-    policy = tiny_gpt()
+def test_label_pairs_with_retold_twins(monkeypatch):
     prompts = train_prompts(6)
-    pairs, _ = reward.label_pairs(policy, prompts, tau=0.5, max_new_tokens=8, device="cpu", seed=3, k=2, retell=True)
-    torch.manual_seed(3)
-    texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(2)], 8)
+    rng = random.Random(0)
+    # two stories per prompt, as the SFT model would sample them: every story names a character, animal and place
+    texts = [data.story(rng) for _ in range(2 * len(prompts))]
+    monkeypatch.setattr(sft, "sample", lambda policy, ps, *args, **kwargs: (texts[:len(ps)], None, None, None))
+    pairs, _ = reward.label_pairs(None, prompts, tau=0.5, max_new_tokens=8, device="cpu", seed=3, k=2, retell=True)
+    others = lambda terms: {k: v for k, v in terms.items() if k != "follow"}
     for i, prompt in enumerate(prompts):
         own = [p for p in pairs if p["prompt"] == prompt]
-        # the pair of the two samples, then each sample against its twin (unless retelling changed nothing)
-        assert {own[0]["chosen"], own[0]["rejected"]} == set(texts[2 * i:2 * i + 2])
-        assert 1 <= len(own) <= 3
-        for pair in own[1:]:
-            assert {pair["chosen"], pair["rejected"]} & set(texts[2 * i:2 * i + 2])  # one side is a sample
-            terms = [data.gold_terms(prompt, pair[side]) for side in ("chosen", "rejected")]
-            assert terms[0]["follow"] != terms[1]["follow"]  # the twins differ in following, in nothing else
-            assert [{k: v for k, v in t.items() if k != "follow"} for t in terms].count(
-                {k: v for k, v in terms[0].items() if k != "follow"}) == 2
+        # the pair of the two samples, then each sample against its twin
+        assert len(own) == 3 and {own[0]["chosen"], own[0]["rejected"]} == set(texts[2 * i:2 * i + 2])
+        for pair, sample in zip(own[1:], texts[2 * i:2 * i + 2]):
+            assert sample in (pair["chosen"], pair["rejected"])
+            twin = pair["rejected"] if sample == pair["chosen"] else pair["chosen"]
+            assert twin != sample and len(twin.split()) == len(sample.split())
+            assert others(data.gold_terms(prompt, sample)) == others(data.gold_terms(prompt, twin))
+            # a story that does everything asked is retold about someone else, and then does none of it
+            if data.follows(prompt, sample):
+                assert data.gold_terms(prompt, twin)["follow"] == -2
 
 
 def test_prompt_swap_hand_made():
