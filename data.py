@@ -357,6 +357,18 @@ def bpe_training_texts():
 
 
 @functools.lru_cache(maxsize=None)
+def fingerprint():
+    """A short id of this world, saved with every stage: the tokenizer's vocabulary (trained on the corpus), and a
+    few demonstrations and the gold human's scores of them under their own and other prompts. A change to the
+    corpus, the instructions, the tokenizer or the gold human changes it, so no stage built before is reused."""
+    enc, demos = tokenizer(), sft_examples(16, seed=0)
+    prompts = [alpaca_prompt(d["instruction"], d["input"]) for d in demos]
+    world = [enc.n_vocab, enc.encode(" ".join(prompts)), demos,
+             [round(gold_reward(p, d["output"]), 6) for p in prompts[:4] for d in demos]]
+    return f"{zlib.crc32(json.dumps(world).encode()):08x}"
+
+
+@functools.lru_cache(maxsize=None)
 def tokenizer(cache_dir=TOKENIZER_DIR):
     """The lab's tiktoken.Encoding: BPE ranks trained once on the corpus (a second or two), then read from a file
     named by a checksum of the training text, so a change to the world never meets a stale vocabulary."""

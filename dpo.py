@@ -14,7 +14,7 @@ of the preferences, Z(x) cancels and the reward model becomes a classifier on th
 
 log pi(y|x) is the sum over the response's tokens (its EOS included) of log pi(y_t | x, y_<t).
 
-The pairs are the ones the reward model was trained on (reward.ensure_pairs): two responses sampled from the SFT
+The pairs are the ones the reward model was trained on (stage "pairs"): two responses sampled from the SFT
 model per prompt, labelled by reward.py's noisy simulated labeller. So the data come from pi_ref = pi_SFT, the
 setting the paper recommends (Section 4), and the policy starts from the SFT model too.
 
@@ -235,7 +235,7 @@ def train(cfg, policy=None, ref=None):
     """DPO from the SFT model on the preference pairs; writes out/dpo/model.pt and out/dpo/metrics.json. policy and
     ref (pi_ref) can be passed in instead of loaded from out/sft, as in ppo.train."""
     device = pick_device(cfg.device)
-    pairs = reward.load_pairs(cfg.data or reward.ensure_pairs(cfg))
+    pairs = reward.load_pairs(cfg.data or sft.ensure_stage("pairs", cfg))
     sft_path = sft.ensure_stage("sft", cfg) if policy is None or ref is None else None
     torch.manual_seed(cfg.seed)
     policy = load_model(sft_path, device) if policy is None else policy.to(device)
@@ -263,7 +263,7 @@ def train(cfg, policy=None, ref=None):
         print(f"--- {p.split('### Instruction:')[-1].split('### Response:')[0].strip()!r}\n"
               f"dpo ({data.gold_reward(p, t):+.2f}): {t}\nsft ({data.gold_reward(p, s):+.2f}): {s}")
     metrics.update(config=asdict(cfg), history=history)
-    sft.save_stage(os.path.join(cfg.out_dir, "dpo"), policy, metrics, step=cfg.steps)
+    sft.save_stage(os.path.join(cfg.out_dir, "dpo"), policy, metrics, step=cfg.steps, built_from=sft.record("dpo", cfg))
     return metrics
 
 

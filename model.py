@@ -363,11 +363,31 @@ def pick_device(name="auto"):
     return name
 
 
+# autocast's dtype per device type: bf16 on CUDA, full fp32 on CPU (bf16 matmuls are slow on most CPUs); and
+# AdamW's fused kernel, on CUDA. tests/test_cuda_path.py turns both on for the CPU: the CUDA path's numerics.
+AUTOCAST = {"cuda": torch.bfloat16, "cpu": None}
+FUSED = {"cuda": True, "cpu": False}
+
+
 def autocast(device):
-    """bf16 autocast on CUDA; full fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = AUTOCAST.get(torch.device(device).type)
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def nvidia_gpu_visible():
+    """Is there an NVIDIA GPU on this machine, whether or not this torch can use it? (its driver's files)"""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
+def announce(cfg):
+    """Every script's first line: the device, dtype and preset it picked; and one warning line when an NVIDIA GPU
+    is visible but this torch cannot use it (the CPU build of PyTorch), instead of a quiet run on the CPU."""
+    device = pick_device(cfg.device)
+    dtype = AUTOCAST.get(torch.device(device).type) or torch.float32
+    print(f"device {device} | dtype {str(dtype).replace('torch.', '')} | preset {cfg.preset} | torch {torch.__version__}")
+    if nvidia_gpu_visible() and not torch.cuda.is_available():
+        print(f"warning: an NVIDIA GPU is visible but torch {torch.__version__} cannot use it; for the CUDA build: "
+              f"pip install --force-reinstall torch=={torch.__version__.split('+')[0]}", file=sys.stderr)
 
 
 def to_device(t, device):
@@ -403,11 +423,11 @@ def _convert(field, text, flag):
         raise SystemExit(f"error: {flag}={text}: must be {TYPE_WORDS[kind]}") from None
 
 
-def parse_config(cls, argv=None, presets=None, check=None):
+def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
     """A Config from `--field=value` / `--field value` flags, checked against the dataclass. `presets` maps a
     preset name to field overrides; `--preset=auto` picks "gpu" when CUDA is available, else "cpu". Explicit
     flags win over the preset. `check(cfg)` yields the script's (field, ok, allowed) rows; the first row that
-    fails ends the program with one line, before any work and before the overrides are printed."""
+    fails ends the program with one line, before any work and before the overrides are printed (unless quiet)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "-h" in argv or "--help" in argv:
@@ -444,7 +464,9 @@ def parse_config(cls, argv=None, presets=None, check=None):
     for field, ok, allowed in check(cfg) if check else ():
         if not ok:
             raise SystemExit(f"error: --{field}={getattr(cfg, field)}: must be {allowed}")
-    for key, value in overrides.items():
+    if not quiet and "device" in fields:
+        announce(cfg)
+    for key, value in {} if quiet else overrides.items():
         print(f"override: {key} = {value!r}")
     return cfg
 

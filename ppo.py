@@ -304,7 +304,7 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if None in (policy, ref, critic, reward_fn):
-        rm_path = reward.ensure_reward(cfg)  # also builds out/sft
+        rm_path = sft.ensure_stage("reward", cfg)  # also builds out/sft
         sft_path = sft.ensure_stage("sft", cfg)
         policy = load_model(sft_path, device) if policy is None else policy
         ref = load_model(sft_path, device) if ref is None else ref
@@ -357,7 +357,7 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
     for p, a, b in list(zip(eval_prompts, sft_texts, texts))[:3]:
         print(f"--- {p.split('### Instruction:')[-1].split('###')[0].strip()!r}\n  sft: {a}\n  ppo: {b}")
     sft.save_stage(os.path.join(cfg.out_dir, "ppo"), policy, {**metrics, "config": asdict(cfg), "history": history},
-                   step=cfg.steps)
+                   step=cfg.steps, built_from=sft.record("ppo", cfg))
     return {**metrics, "history": history}
 
 

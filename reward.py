@@ -20,6 +20,7 @@ Run:  python reward.py                       (builds missing earlier stages; out
 """
 import dataclasses
 import itertools
+import json
 import math
 import os
 import random
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 
 import data
 import sft
-from model import (ScalarHeadModel, autocast, check_finite, files_or_empty, load_model, non_negative, one_line_errors,
-                   one_of, parse_config, pick_device, positive, run_fields, to_device)
+from model import (ScalarHeadModel, atomic_write, autocast, check_finite, files_or_empty, load_model, non_negative,
+                   one_line_errors, one_of, parse_config, pick_device, positive, run_fields, to_device)
 
 
 @dataclass
@@ -144,18 +145,18 @@ def score_texts(rm, prompts, responses, device, batch_size=64):
 # ----------------------------------------------------------------------------- preference pairs
 
 def retold(prompt, text, rng):
-    """The same story about someone else, or about what was asked: for each name, animal and place the prompt
-    requests, a story that mentions it gets another of its kind instead, and one that does not gets it in place
-    of its own. The two texts differ only in which requests they meet: a story that meets all of them is retold
-    to meet none, and one that meets none to meet all; one that meets some is retold to meet the others, which the
-    gold human can score alike."""
+    """The same story about someone else, or about what was asked. A story that does everything the prompt asks is
+    retold to do none of it: each requested name, animal and place becomes another of its kind. Any other story is
+    retold to do all of it: every name, animal or place of a requested kind becomes the requested one. So the two
+    texts differ only in which requests they meet, and the gold human never ties them on that (a story with no
+    word of a requested kind keeps that request unmet)."""
+    meets_all = data.follows(prompt, text)
     for kind in (data.NAMES, data.ANIMALS, data.PLACES):
         for want in [w for w in data.requested(prompt) if w in kind]:
-            said = [w for w in kind if re.search(rf"\b{w}\b", text)]
-            old, new = (want, rng.choice([w for w in kind if w != want])) if want in said else \
-                (said[0] if said else None, want)
-            if old:
-                text = re.sub(rf"\b{old}\b", new, text)
+            if meets_all:
+                text = re.sub(rf"\b{want}\b", rng.choice([w for w in kind if w != want]), text)
+            else:
+                text = re.sub(rf"\b({'|'.join(kind)})\b", want, text)
     return text
 
 
@@ -184,28 +185,25 @@ def load_pairs(path):
     return data.load_jsonl(path, ("prompt", "chosen", "rejected"))
 
 
-def ensure_pairs(cfg):
-    """Path of the training pairs, labelling them first (from the SFT model) if missing."""
-    path = os.path.join(cfg.out_dir, "reward", "pairs.jsonl")
-    if not os.path.exists(path):
-        device = pick_device(cfg.device)
-        policy = load_model(sft.ensure_stage("sft", cfg), device)
-        rcfg = reward_config(cfg)
-        prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", rcfg.n_prompts, seed=rcfg.seed)]
-        t0 = time.time()
-        pairs, agreement = label_pairs(policy, prompts, rcfg.tau, rcfg.max_new_tokens, device, rcfg.seed, rcfg.k,
-                                       rcfg.retell)
-        data.save_jsonl(path, pairs)
-        print(f"labelled {len(pairs)} pairs in {time.time() - t0:.0f}s; agreement with gold {agreement:.3f}")
-    return path
+def label_training_pairs(cfg):
+    """The training pairs of stage 'pairs': k SFT samples per training prompt (and their retold twins), labelled
+    by the simulated human, written to out/reward/pairs.jsonl with their record beside it."""
+    device = pick_device(cfg.device)
+    policy = load_model(sft.ensure_stage("sft", cfg), device)
+    prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", cfg.n_prompts, seed=cfg.seed)]
+    t0 = time.time()
+    pairs, agreement = label_pairs(policy, prompts, cfg.tau, cfg.max_new_tokens, device, cfg.seed, cfg.k, cfg.retell)
+    save_pairs(cfg, pairs)
+    print(f"labelled {len(pairs)} pairs in {time.time() - t0:.0f}s; agreement with gold {agreement:.3f}")
 
 
-def reward_config(cfg):
-    """This script's Config: cfg itself when it is one, else the defaults on cfg's preset, out_dir and device."""
-    if isinstance(cfg, Config):
-        return dataclasses.replace(cfg, stage="reward")
-    return parse_config(Config, [f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}", f"--device={cfg.device}"],
-                        PRESETS, check)
+def save_pairs(cfg, pairs):
+    """Stage 'pairs' written: its record first (pairs.jsonl.built_from.json), then out/reward/pairs.jsonl, so
+    pairs without a record are never reused."""
+    path = sft.output_path("pairs", cfg.out_dir)
+    with atomic_write(path + ".built_from.json") as f:
+        json.dump(sft.record("pairs", cfg), f, indent=1)
+    data.save_jsonl(path, pairs)
 
 
 # ----------------------------------------------------------------------------- training
@@ -321,7 +319,7 @@ def train(cfg):
     device = pick_device(cfg.device)
     pairs = load_pairs(cfg.data) if cfg.data else None  # a bad file of the user's is reported before any training
     policy = load_model(sft.ensure_stage("sft", cfg), device)
-    pairs = pairs or load_pairs(ensure_pairs(cfg))
+    pairs = pairs or load_pairs(sft.ensure_stage("pairs", cfg))
     eval_prompts = sft.eval_prompts(cfg.n_eval_pairs)
     eval_pairs, ceiling = label_pairs(policy, eval_prompts, cfg.tau, cfg.max_new_tokens, device, cfg.seed + 1)
     print(f"{len(pairs)} training pairs; held-out labels agree with the gold order {ceiling:.3f} (the ceiling)")
@@ -354,7 +352,7 @@ def train(cfg):
           "the gold human itself 1 -> {gold_swapped:.3f} (drop {gold_drop:.3f})".format(**metrics["prompt_swap"]))
     metrics["best_of_n"] = best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device)
     sft.save_stage(os.path.join(cfg.out_dir, "reward"), rm, {**metrics, "config": asdict(cfg), "history": history},
-                   step=cfg.steps)
+                   step=cfg.steps, built_from=sft.record("reward", cfg))
     return metrics
 
 
@@ -392,21 +390,12 @@ def best_of_n_curve(policy, rm, prompts, cfg, device):
     return curve
 
 
-def ensure_reward(cfg):
-    """Path of the reward model checkpoint, training it (and any missing earlier stage) first."""
-    path = os.path.join(cfg.out_dir, "reward", "model.pt")
-    if not os.path.exists(path):
-        print(f"== {path} is missing: running stage 'reward' first")
-        train(reward_config(cfg))
-    return path
-
-
 def rejection_sampling(cfg):
     """LLaMA-2's rejection sampling: best-of-rs_n SFT samples on training prompts become new SFT data."""
     device = pick_device(cfg.device)
-    rm = load_model(ensure_reward(cfg), device)
-    sft_model = load_model(sft.ensure_stage("sft", cfg), device)
-    policy = load_model(sft.ensure_stage("sft", cfg), device)
+    rm = load_model(sft.ensure_stage("reward", cfg), device)
+    sft_path = sft.ensure_stage("sft", cfg)
+    sft_model, policy = load_model(sft_path, device), load_model(sft_path, device)
     tasks = data.tasks("train", cfg.rs_prompts, seed=cfg.seed + 4)
     prompts = [data.alpaca_prompt(i, x) for i, x in tasks]
     torch.manual_seed(cfg.seed + 4)
@@ -419,7 +408,8 @@ def rejection_sampling(cfg):
     metrics["train_gold_best_of_n"] = sum(data.gold_reward(p, b) for p, b in zip(prompts, best)) / len(best)
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     sft.save_stage(os.path.join(cfg.out_dir, "rejection"), policy,
-                   {**metrics, "config": asdict(cfg), "history": history}, step=cfg.rs_steps)
+                   {**metrics, "config": asdict(cfg), "history": history}, step=cfg.rs_steps,
+                   built_from=sft.record("rejection", cfg))
     return metrics
 
 

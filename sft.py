@@ -13,18 +13,21 @@ Run:  python sft.py --stage=pretrain [--objective=mlm] [--corpus=my.txt]
       python sft.py [--data=my_demos.jsonl]        (builds out/pretrain first if it is missing)
 """
 import dataclasses
+import importlib
 import json
 import math
 import os
+import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
 
 import data
-from model import (GPT, GPTConfig, atomic_write, autocast, check_finite, deferred_interrupt, files_or_empty, interval,
-                   load_model, non_negative, one_line_errors, one_of, parse_config, pick_device, positive, run_fields,
-                   save_checkpoint, to_device, token_logprobs)
+from model import (FUSED, GPT, CheckpointError, GPTConfig, atomic_write, autocast, check_finite, deferred_interrupt,
+                   files_or_empty, interval, load_checkpoint, load_model, non_negative, one_line_errors, one_of,
+                   parse_config, pick_device, positive, run_fields, save_checkpoint, to_device, token_logprobs)
 
 
 @dataclass
@@ -129,11 +132,12 @@ def fits_sft_model(cfg):
 # ----------------------------------------------------------------------------- optimisation, shared by every stage
 
 def make_optimizer(model, lr, weight_decay, device):
-    """AdamW with weight decay on matrices only (nanoGPT); the fused kernel on CUDA."""
+    """AdamW with weight decay on matrices only (nanoGPT); the fused kernel on CUDA (model.FUSED)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=str(device).startswith("cuda"))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95),
+                             fused=FUSED.get(torch.device(device).type, False))
 
 
 def lr_at(step, steps, lr, warmup=20):
@@ -159,12 +163,13 @@ def write_metrics(out_dir, metrics):
         json.dump(metrics, f, indent=1)
 
 
-def save_stage(out_dir, model, metrics, step):
+def save_stage(out_dir, model, metrics, step, built_from=None):
     """A stage's two files, both or neither: each is written to a temporary file and renamed, Ctrl-C waits until both
-    are in place, and model.pt, whose presence tells later stages this one is done, comes last."""
+    are in place, and model.pt, whose presence tells later stages this one is done, comes last. built_from: the
+    stage's record (record()), kept in both."""
     with deferred_interrupt():
-        write_metrics(out_dir, metrics)
-        save_checkpoint(os.path.join(out_dir, "model.pt"), model, step=step)
+        write_metrics(out_dir, {**metrics, "built_from": built_from})
+        save_checkpoint(os.path.join(out_dir, "model.pt"), model, step=step, built_from=built_from)
 
 
 def log(step, **fields):
@@ -313,7 +318,7 @@ def pretrain(cfg):
     metrics = {"objective": cfg.objective, "val_loss": val_loss, "train_loss": history[-1]["loss"],
                "params": model.num_params(), "config": asdict(cfg), "history": history}
     out = os.path.join(cfg.out_dir, "pretrain_mlm" if mlm else "pretrain")
-    save_stage(out, model, metrics, step=cfg.pretrain_steps)
+    save_stage(out, model, metrics, step=cfg.pretrain_steps, built_from=record("pretrain", cfg))
     print(f"val loss {val_loss:.4f} -> {out}/model.pt")
     return metrics
 
@@ -379,22 +384,124 @@ def sft(cfg):
     for p, t in list(zip(prompts, texts))[:3]:
         print(f"--- {p.split('### Instruction:')[-1].strip()!r}\n{t}")
     metrics = {**after, "pretrained": before, "config": asdict(cfg), "history": history}
-    save_stage(os.path.join(cfg.out_dir, "sft"), model, metrics, step=cfg.sft_steps)
+    save_stage(os.path.join(cfg.out_dir, "sft"), model, metrics, step=cfg.sft_steps, built_from=record("sft", cfg))
     return metrics
 
 
+# ----------------------------------------------------------------------------- the chain of stages
+
+# Each stage: the script whose Config builds it, the stages it starts from, and the Config fields that shape what
+# it writes (the rest only change what is evaluated or printed). ppo and dpo end the chain: recorded, never reused.
+CHAIN = {
+    "pretrain":  ("sft", (), ("objective", "corpus", "seed", "n_layer", "n_head", "n_embd", "block_size", "dropout",
+                              "n_docs", "pretrain_steps", "pretrain_batch_size", "lr", "weight_decay")),
+    "sft":       ("sft", ("pretrain",), ("data", "seed", "n_demos", "sft_steps", "batch_size", "lr",
+                                         "weight_decay")),
+    "pairs":     ("reward", ("sft",), ("n_prompts", "k", "retell", "tau", "seed", "max_new_tokens")),
+    "reward":    ("reward", ("sft", "pairs"), ("data", "seed", "steps", "batch_size", "lr", "weight_decay")),
+    "rejection": ("reward", ("sft", "reward"), ("seed", "rs_prompts", "rs_n", "rs_steps", "batch_size", "lr",
+                                                "weight_decay", "max_new_tokens")),
+    "ppo":       ("ppo", ("sft", "reward"), ()),
+    "dpo":       ("dpo", ("sft", "pairs"), ()),
+}
+OUTPUTS = {"pairs": ("reward", "pairs.jsonl"), "reward": ("reward", "model.pt")}  # the rest: <stage>/model.pt
+
+
+class StageMismatch(CheckpointError):
+    """An earlier stage's output was built otherwise than this run asks: never reused silently."""
+
+
+def output_path(stage, out_dir):
+    return os.path.join(out_dir, *OUTPUTS.get(stage, (stage, "model.pt")))
+
+
+def script_of(cfg):
+    """The script whose Config cfg is ("sft", "reward", ...), also when that script runs as __main__."""
+    return os.path.splitext(os.path.basename(sys.modules[type(cfg).__module__].__file__))[0]
+
+
+def stage_config(stage, cfg):
+    """The Config that builds stage: cfg itself when cfg belongs to that stage's script (the user's flags hold),
+    else the defaults of cfg's preset on cfg's out_dir and device."""
+    script = importlib.import_module(CHAIN[stage][0])
+    if script_of(cfg) != CHAIN[stage][0]:
+        cfg = parse_config(script.Config, [f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}",
+                                           f"--device={cfg.device}"], script.PRESETS, script.check, quiet=True)
+    return dataclasses.replace(cfg, stage={"pairs": "reward"}.get(stage, stage)) if hasattr(cfg, "stage") else cfg
+
+
+def record(stage, cfg):
+    """What stage is built from, with cfg: {"stage", "preset", "settings", "parents": {stage: its record's id},
+    "world"}. Saved with the stage's output; a user's file among the settings is recorded by its content."""
+    cfg = stage_config(stage, cfg)
+    _, parents, fields = CHAIN[stage]
+    settings = {f: getattr(cfg, f) for f in fields or [f.name for f in dataclasses.fields(cfg)]
+                if f not in ("stage", "out_dir", "device", "preset")}
+    for f in ("corpus", "data"):
+        if settings.get(f):
+            with open(settings[f], "rb") as file:
+                settings[f] = f"{settings[f]} (crc {zlib.crc32(file.read()):08x})"
+    parents = [p for p in parents if not (p == "pairs" and cfg.data)]  # a user's pairs file replaces the stage
+    return {"stage": stage, "preset": preset_name(cfg.preset), "settings": settings, "world": data.fingerprint(),
+            "parents": {p: record_id(read_record(output_path(p, cfg.out_dir))) for p in parents}}
+
+
+def preset_name(preset):
+    return "gpu" if preset == "auto" and torch.cuda.is_available() else "cpu" if preset == "auto" else preset
+
+
+def record_id(rec):
+    return None if rec is None else f"{zlib.crc32(json.dumps(rec, sort_keys=True).encode()):08x}"
+
+
+def read_record(path):
+    """The record saved with an output (None when there is no output, or it has none)."""
+    if path.endswith(".pt"):
+        return load_checkpoint(path).get("built_from") if os.path.exists(path) else None
+    if os.path.exists(path + ".built_from.json"):
+        with open(path + ".built_from.json") as f:
+            return json.load(f)
+    return None
+
+
+def check_reuse(stage, cfg, asked=None):
+    """May this run reuse stage's output? Its world, preset and parents must be this run's, and so must its settings
+    where this run states them itself (cfg is the Config of the stage's own script). Otherwise StageMismatch: one
+    line naming the stage, what differs and the fix. Settings that differ only from a preset's defaults nobody
+    asked for are printed, not silent. The stage's parents are checked the same way, before any work."""
+    path, scfg = output_path(stage, cfg.out_dir), stage_config(stage, cfg)
+    asked = script_of(cfg) == CHAIN[stage][0] if asked is None else asked
+    have, want = read_record(path), record(stage, scfg)
+    fix = f"delete {os.path.dirname(path)}/ to rebuild it, or pass --out_dir=<another folder>"
+    if have is None:
+        raise StageMismatch(f"stage {stage!r}: {path} has no record of what it was built from; {fix}")
+    must = [f"the {have['preset']} preset (this run: {want['preset']})"] if have["preset"] != want["preset"] else []
+    must += ["another world or tokenizer (data.py has changed since)"] if have["world"] != want["world"] else []
+    must += [f"another {output_path(p, cfg.out_dir)} (rebuilt or removed since)" for p, i in have["parents"].items()
+             if want["parents"].get(p) != i]
+    settings = [f"{k}={have['settings'].get(k)!r} (this run: {v!r})" for k, v in want["settings"].items()
+                if have["settings"].get(k) != v]
+    if must or (asked and settings):
+        raise StageMismatch(f"stage {stage!r}: {path} was built with {'; '.join(must + settings)}; {fix}")
+    if settings:
+        print(f"== reusing {path}, built with {'; '.join(settings)}")
+    for parent in [p for p, i in have["parents"].items() if i is not None]:  # None: built without it (a test's)
+        check_reuse(parent, scfg, asked=asked and CHAIN[parent][0] == CHAIN[stage][0])
+
+
 def ensure_stage(stage, cfg):
-    """The checkpoint of an earlier stage, trained first if missing: with cfg's settings when cfg is this script's
-    Config, else with the defaults of cfg's preset."""
-    path = os.path.join(cfg.out_dir, stage, "model.pt")
-    if not os.path.exists(path):
-        print(f"== {path} is missing: running stage {stage!r} first")
-        if isinstance(cfg, Config):  # called from this script: keep its settings
-            stage_cfg = dataclasses.replace(cfg, stage=stage)
-        else:
-            stage_cfg = parse_config(Config, [f"--stage={stage}", f"--preset={cfg.preset}",
-                                              f"--out_dir={cfg.out_dir}", f"--device={cfg.device}"], PRESETS, check)
-        (pretrain if stage == "pretrain" else sft)(stage_cfg)
+    """The path of stage's output, built first if missing: with cfg's settings when cfg is that stage's script's
+    Config, else with the defaults of cfg's preset. An existing output is reused only as check_reuse allows."""
+    path = output_path(stage, cfg.out_dir)
+    if os.path.exists(path):
+        check_reuse(stage, cfg)
+        return path
+    print(f"== {path} is missing: running stage {stage!r} first")
+    scfg = stage_config(stage, cfg)
+    script = importlib.import_module(CHAIN[stage][0])
+    build = {"pretrain": pretrain, "sft": sft, "pairs": getattr(script, "label_training_pairs", None),
+             "reward": getattr(script, "train", None), "rejection": getattr(script, "rejection_sampling", None)}
+    build[stage](scfg)
     return path
 
 

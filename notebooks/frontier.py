@@ -207,8 +207,8 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
     ppo_cfg = ppo_cfg or parse_config(ppo.Config, argv, ppo.PRESETS, ppo.check)
     dpo_cfg = dpo_cfg or parse_config(dpo.Config, argv, dpo.PRESETS, dpo.check)
     # 1. the shared earlier stages, built if missing: pretrain -> SFT -> reward model and its preference pairs
-    rm_path = reward.ensure_reward(cfg)
-    sft_path, pairs_path = sft.ensure_stage("sft", cfg), reward.ensure_pairs(cfg)
+    rm_path = sft.ensure_stage("reward", cfg)
+    sft_path, pairs_path = sft.ensure_stage("sft", cfg), sft.ensure_stage("pairs", cfg)
     folder = os.path.join(cfg.out_dir, "frontier")
 
     def run_ppo(name, **overrides):

@@ -126,12 +126,12 @@ def test_ppo_stops_at_a_nan_reward(tmp_path):
 
 def test_dpo_stops_when_its_loss_diverges(tmp_path):
     # lr = 1e30: the first AdamW step moves every weight by about 1e30, and the next forward overflows
-    save_checkpoint(str(tmp_path / "sft" / "model.pt"), tiny_gpt())
     pairs = [{"prompt": data.alpaca_prompt(f"Write a story about {n}."), "chosen": f"{n} was happy. The end.",
               "rejected": f"{n} was sad and"} for n in ["Tom", "Lily", "Ben", "Mia"]]
     data.save_jsonl(str(tmp_path / "pairs.jsonl"), pairs)
     cfg = dpo.Config(data=str(tmp_path / "pairs.jsonl"), out_dir=str(tmp_path), device="cpu", steps=3, batch_size=2,
                      lr=1e30, warmup=0, val_frac=0.0, eval_prompts=2, max_new_tokens=4)
+    sft.save_stage(str(tmp_path / "sft"), tiny_gpt(), {}, step=0, built_from=sft.record("sft", cfg))
     with pytest.raises(Diverged, match=r"^step 1: loss is (nan|inf)$"):
         dpo.train(cfg)
     assert sorted(os.listdir(tmp_path)) == ["pairs.jsonl", "sft"]  # the earlier stage is untouched

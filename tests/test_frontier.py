@@ -11,7 +11,9 @@ import torch
 import data
 import dpo
 import ppo
-from model import GPT, GPTConfig, ScalarHeadModel, save_checkpoint
+import reward
+import sft
+from model import GPT, GPTConfig, ScalarHeadModel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks"))
 import frontier  # noqa: E402
@@ -78,19 +80,21 @@ def test_floats_and_running_mean():
 def test_tiny_sweep_end_to_end(tmp_path):
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=data.tokenizer().n_vocab, block_size=72, n_layer=1, n_head=2, n_embd=32))
-    save_checkpoint(str(tmp_path / "sft" / "model.pt"), policy)
-    save_checkpoint(str(tmp_path / "reward" / "model.pt"), ScalarHeadModel.from_gpt(policy))
+    cfg = frontier.Config(out_dir=str(tmp_path), preset="cpu", device="cpu", ppo_betas="0.1,1", dpo_betas="0.5",
+                          overopt_steps=3)
+    # the three stages the sweep starts from, each with its record, in the chain's order
+    sft.save_stage(str(tmp_path / "sft"), policy, {}, step=0, built_from=sft.record("sft", cfg))
     pairs = [{"prompt": data.alpaca_prompt(f"Write a story about {n}."), "chosen": f"{n} was happy. The end.",
               "rejected": f"{n} was sad and"} for n in ["Tom", "Lily", "Ben", "Mia", "Sam", "Anna"]]
-    data.save_jsonl(str(tmp_path / "reward" / "pairs.jsonl"), pairs)
+    reward.save_pairs(sft.stage_config("pairs", cfg), pairs)
+    sft.save_stage(str(tmp_path / "reward"), ScalarHeadModel.from_gpt(policy), {}, step=0,
+                   built_from=sft.record("reward", cfg))
     bon = [{"n": 1, "gold_reward": -1.0, "rm_score": 0.0, "kl": 0.0},
            {"n": 2, "gold_reward": -0.8, "rm_score": 0.3, "kl": 0.193}]
     (tmp_path / "reward" / "metrics.json").write_text(json.dumps({"best_of_n": bon}))
     os.makedirs(tmp_path / "rejection")
     (tmp_path / "rejection" / "metrics.json").write_text(json.dumps(
         {"gold_reward": -0.7, "kl": 0.4, "win_rate_vs_sft": 0.6, "config": {"rs_n": 8}}))
-    cfg = frontier.Config(out_dir=str(tmp_path), preset="cpu", device="cpu", ppo_betas="0.1,1", dpo_betas="0.5",
-                          overopt_steps=3)
     ppo_cfg = ppo.Config(device="cpu", steps=2, batch_size=4, n_epochs=1, n_minibatches=2, max_new_tokens=8,
                          n_prompts=16, eval_prompts=4, sample_every=0)
     dpo_cfg = dpo.Config(device="cpu", steps=2, batch_size=2, val_frac=0.34, eval_every=2, eval_prompts=4,

@@ -177,7 +177,8 @@ def test_retold_changes_only_whether_the_story_does_what_was_asked():
     prompt = data.alpaca_prompt("Write a story about Lily the fox at the beach.")
     good = "Lily the fox lived near the beach. Lily felt very happy. The end."
     bad = "Tom the cat lived near the park. Tom the cat felt very happy. The end."
-    for text, follow_before, follow_after in ((good, 2.0, -2.0), (bad, -2.0, 2.0)):
+    some = "Lily the cat lived near the beach. Lily the cat felt very happy. The end."  # two requests of three
+    for text, follow_before, follow_after in ((good, 2.0, -2.0), (bad, -2.0, 2.0), (some, 4 * 2 / 3 - 2, 2.0)):
         twin = reward.retold(prompt, text, rng)
         terms, twin_terms = data.gold_terms(prompt, text), data.gold_terms(prompt, twin)
         assert (terms["follow"], twin_terms["follow"]) == (follow_before, follow_after)
@@ -206,9 +207,8 @@ def test_label_pairs_with_retold_twins(monkeypatch):
             twin = pair["rejected"] if sample == pair["chosen"] else pair["chosen"]
             assert twin != sample and len(twin.split()) == len(sample.split())
             assert others(data.gold_terms(prompt, sample)) == others(data.gold_terms(prompt, twin))
-            # a story that does everything asked is retold about someone else, and then does none of it
-            if data.follows(prompt, sample):
-                assert data.gold_terms(prompt, twin)["follow"] == -2
+            # a story that does everything asked is retold to do none of it; any other, to do all of it
+            assert data.gold_terms(prompt, twin)["follow"] == (-2 if data.follows(prompt, sample) else 2)
 
 
 def test_prompt_swap_hand_made():
@@ -233,23 +233,28 @@ def test_prompt_swap_hand_made():
     assert (flat["right"], flat["swapped"]) == (0.5, 0.5)
 
 
-def test_ensure_pairs_uses_the_reward_config_it_is_given(tmp_path, monkeypatch):
+def test_pairs_stage_uses_the_reward_config_it_is_given(tmp_path, monkeypatch):
     # `python reward.py --n_prompts=16 --k=3 --tau=0.1` must label 16 prompts at tau 0.1, not the preset's defaults
-    (tmp_path / "sft").mkdir()
-    (tmp_path / "sft" / "model.pt").touch()  # ensure_stage only checks that the file exists
+    cfg = reward.Config(out_dir=str(tmp_path), preset="cpu", device="cpu", n_prompts=16, k=3, tau=0.1,
+                        max_new_tokens=8, seed=5, retell=False)
+    sft.save_stage(str(tmp_path / "sft"), GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)),
+                   {}, step=0, built_from=sft.record("sft", cfg))
     seen = {}
 
     def fake_label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k, retell):
         seen.update(n=len(prompts), tau=tau, max_new_tokens=max_new_tokens, seed=seed, k=k, retell=retell)
         return [{"prompt": p, "chosen": "a", "rejected": "b"} for p in prompts], 1.0
 
-    monkeypatch.setattr(reward, "load_model", lambda path, device: None)
     monkeypatch.setattr(reward, "label_pairs", fake_label_pairs)
-    cfg = reward.Config(out_dir=str(tmp_path), preset="cpu", device="cpu", n_prompts=16, k=3, tau=0.1,
-                        max_new_tokens=8, seed=5, retell=False)
-    path = reward.ensure_pairs(cfg)
+    path = sft.ensure_stage("pairs", cfg)
     assert seen == dict(n=16, tau=0.1, max_new_tokens=8, seed=5, k=3, retell=False)
     assert len(reward.load_pairs(path)) == 16
+    # asked again with the same settings, the pairs are reused; with another seed, the run stops before any work
+    assert sft.ensure_stage("pairs", cfg) == path and seen["n"] == 16
+    seen.clear()
+    with pytest.raises(sft.StageMismatch, match=r"^stage 'pairs': .*pairs.jsonl was built with seed=5 \(this run: 6\)"):
+        sft.ensure_stage("pairs", dataclasses.replace(cfg, seed=6))
+    assert seen == {}
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -1,0 +1,102 @@
+"""
+Each stage records what it was built from (sft.record), and a later stage reuses it only when that is what the run
+asks for (sft.check_reuse): the issue's cases, each with a tiny pretrain -> sft chain.
+"""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import reward
+import sft
+from model import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(1)
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=128, n_docs=100, n_demos=50, pretrain_steps=2, sft_steps=2,
+            batch_size=4, eval_prompts=2, max_new_tokens=8, preset="cpu", device="cpu")
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """A tiny pretrain -> sft chain in tmp_path: (its sft Config, the sft record)."""
+    cfg = sft.Config(out_dir=str(tmp_path), **TINY)
+    sft.sft(cfg)
+    return cfg, load_checkpoint(str(tmp_path / "sft" / "model.pt"))["built_from"]
+
+
+def test_a_stage_records_its_settings_its_parent_and_the_world(chain):
+    cfg, rec = chain
+    pretrain = load_checkpoint(os.path.join(cfg.out_dir, "pretrain", "model.pt"))["built_from"]
+    assert rec["stage"] == "sft" and rec["preset"] == "cpu" and rec["world"] == data.fingerprint()
+    assert rec["settings"]["sft_steps"] == 2 and "eval_prompts" not in rec["settings"]  # what shapes it, only
+    assert rec["parents"] == {"pretrain": sft.record_id(pretrain)} and pretrain["settings"]["n_embd"] == 32
+    assert sft.record("sft", cfg) == rec  # asked again with the same settings: the same record
+
+
+def test_the_same_settings_are_reused_without_work(chain, monkeypatch):
+    cfg, _ = chain
+    monkeypatch.setattr(sft, "pretrain", lambda cfg: pytest.fail("rebuilt"))
+    monkeypatch.setattr(sft, "sft", lambda cfg: pytest.fail("rebuilt"))
+    assert sft.ensure_stage("sft", cfg) == os.path.join(cfg.out_dir, "sft", "model.pt")
+
+
+def test_other_settings_of_the_stage_asked_for_stop_the_run(chain):
+    cfg, _ = chain
+    with pytest.raises(sft.StageMismatch, match=r"^stage 'sft': .* was built with sft_steps=2 \(this run: 5\); "
+                                                r"delete .*sft/ to rebuild it, or pass --out_dir="):
+        sft.ensure_stage("sft", dataclasses.replace(cfg, sft_steps=5))
+
+
+def test_another_world_or_preset_stops_the_run(chain, monkeypatch):
+    cfg, _ = chain
+    with pytest.raises(sft.StageMismatch, match=r"the cpu preset \(this run: gpu\)"):
+        sft.check_reuse("sft", dataclasses.replace(cfg, preset="gpu"))
+    monkeypatch.setattr(data, "fingerprint", lambda: "0000beef")
+    with pytest.raises(sft.StageMismatch, match=r"another world or tokenizer"):
+        sft.ensure_stage("sft", cfg)
+
+
+def test_a_rebuilt_parent_stops_the_run(chain):
+    cfg, _ = chain
+    sft.pretrain(dataclasses.replace(cfg, stage="pretrain", seed=7))  # out/pretrain rebuilt under out/sft
+    with pytest.raises(sft.StageMismatch, match=r"^stage 'sft': .* was built with another .*pretrain/model.pt "
+                                                r"\(rebuilt or removed since\); seed=1337 \(this run: 7\)"):
+        sft.check_reuse("sft", dataclasses.replace(cfg, seed=7))
+    with pytest.raises(sft.StageMismatch, match=r"another .*pretrain/model.pt \(rebuilt or removed since\)"):
+        sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="cpu", device="cpu"))
+
+
+def test_a_later_script_reuses_a_stage_built_with_other_settings_and_says_so(chain, capsys):
+    # reward.py does not state the SFT settings: it asks for the preset's, and prints how this SFT model differs
+    cfg, _ = chain
+    sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="cpu", device="cpu"))
+    out = capsys.readouterr().out
+    assert "== reusing" in out and "sft_steps=2 (this run: 600)" in out and "n_embd=32 (this run: 128)" in out
+
+
+def test_an_output_without_a_record_is_not_reused(tmp_path):
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward" / "pairs.jsonl").write_text("")
+    with pytest.raises(sft.StageMismatch, match=r"pairs.jsonl has no record of what it was built from"):
+        sft.ensure_stage("pairs", reward.Config(out_dir=str(tmp_path), preset="cpu", device="cpu"))
+
+
+def test_the_issue_example_stops_before_any_work_in_one_line(tmp_path):
+    # python sft.py --stage=pretrain --n_embd=32, then python sft.py --n_embd=64: the second must not fine-tune
+    # the 32-wide model
+    flags = [f"--out_dir={tmp_path}", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_docs=100", "--n_demos=50",
+             "--pretrain_steps=2", "--sft_steps=2", "--batch_size=4", "--eval_prompts=2", "--max_new_tokens=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *more: subprocess.run([sys.executable, "sft.py", *flags, *more], cwd=ROOT, env=env,
+                                       capture_output=True, text=True, timeout=300)
+    assert run("--stage=pretrain", "--n_embd=32").returncode == 0
+    result = run("--n_embd=64")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: stage 'pretrain': {tmp_path}/pretrain/model.pt was built with n_embd=32 "
+                                    f"(this run: 64); delete {tmp_path}/pretrain/ to rebuild it")
+    assert not os.path.exists(tmp_path / "sft")
