@@ -58,7 +58,7 @@ class Config:
     out_dir: str = "out"
     """where every stage reads and writes its checkpoint and metrics.json"""
     preset: str = "auto"
-    """cpu, gpu, or auto (gpu when CUDA is available): sizes and step counts below"""
+    """small, medium, or auto (medium when CUDA is available): see sft.PRESETS"""
     device: str = "auto"
     """cpu, cuda, or auto"""
     seed: int = 1337
@@ -80,7 +80,7 @@ class Config:
     max_new_tokens: int = 120
 
 
-PRESETS = {"cpu": {}, "gpu": dict(steps=300, batch_size=64, lr=2e-5, warmup=30, eval_prompts=512)}
+PRESETS = {"small": {}, "medium": dict(steps=180)}  # sft.PRESETS says what they are
 
 
 def check(cfg):

@@ -425,7 +425,7 @@ def _convert(field, text, flag):
 
 def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
     """A Config from `--field=value` / `--field value` flags, checked against the dataclass. `presets` maps a
-    preset name to field overrides; `--preset=auto` picks "gpu" when CUDA is available, else "cpu". Explicit
+    preset name to field overrides; `--preset=auto` picks "medium" when CUDA is available, else "small". Explicit
     flags win over the preset. `check(cfg)` yields the script's (field, ok, allowed) rows; the first row that
     fails ends the program with one line, before any work and before the overrides are printed (unless quiet)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -456,7 +456,7 @@ def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
     if presets and "preset" in fields:
         preset = overrides.get("preset", cfg.preset)
         if preset == "auto":
-            preset = "gpu" if torch.cuda.is_available() else "cpu"
+            preset = "medium" if torch.cuda.is_available() else "small"
         if preset not in presets:
             raise SystemExit(f"error: --preset={preset}: must be one of auto, {', '.join(presets)}")
         cfg = dataclasses.replace(cfg, **presets[preset], preset=preset)

@@ -53,7 +53,7 @@ class Config:
     out_dir: str = "out"
     """where the earlier stages' checkpoints are read and out/ppo is written"""
     preset: str = "auto"
-    """cpu, gpu, or auto (gpu when CUDA is available): sizes and step counts below"""
+    """small, medium, or auto (medium when CUDA is available): see sft.PRESETS"""
     device: str = "auto"
     """cpu, cuda, or auto"""
     seed: int = 1337
@@ -98,8 +98,7 @@ class Config:
     """print one rollout every this many steps"""
 
 
-PRESETS = {"cpu": {}, "gpu": dict(steps=200, batch_size=256, n_epochs=4, n_minibatches=4, n_prompts=10000,
-                                  eval_prompts=512, lr=1e-5, critic_lr=5e-5)}
+PRESETS = {"small": {}, "medium": dict(steps=60)}  # sft.PRESETS says what they are
 
 
 def check(cfg):

@@ -45,7 +45,7 @@ class Config:
     """a JSONL file of {"prompt", "chosen", "rejected"} pairs; empty: sample and label them here"""
     out_dir: str = "out"
     preset: str = "auto"
-    """cpu, gpu, or auto (gpu when CUDA is available)"""
+    """small, medium, or auto (medium when CUDA is available): see sft.PRESETS"""
     device: str = "auto"
     seed: int = 1337
     n_prompts: int = 1000
@@ -79,8 +79,7 @@ class Config:
     """rejection sampling: fine-tuning steps on the best-of-N samples"""
 
 
-PRESETS = {"cpu": {}, "gpu": dict(n_prompts=8000, n_eval_pairs=1024, steps=600, batch_size=64, eval_prompts=512,
-                                  bon_prompts=256, bon_max_n=256, rs_prompts=4096, rs_n=16, rs_steps=400)}
+PRESETS = {"small": {}, "medium": dict(n_prompts=1500, steps=1920, rs_steps=150)}  # sft.PRESETS says what they are
 
 
 def check(cfg):

@@ -22,7 +22,7 @@ Departures from a like-for-like comparison, which the reader should keep in mind
   - The over-optimisation curve uses the rollouts of training prompts (ppo.py's per-step history), not the
     held-out prompts; its KL is the rollout estimate, so early points can sit slightly below zero.
 
-Run:  python notebooks/frontier.py [--preset=cpu] [--ppo_betas=0.03,0.3] [--dpo_betas=0.1] [--steps=20]
+Run:  python notebooks/frontier.py [--preset=small] [--ppo_betas=0.03,0.3] [--dpo_betas=0.1] [--steps=20]
       writes out/frontier/results.json, table.md, frontier.svg and overoptimization.svg
 """
 import json
@@ -48,7 +48,7 @@ class Config:
     out_dir: str = "out"
     """where the earlier stages are read (and built if missing) and out/frontier is written"""
     preset: str = "auto"
-    """cpu, gpu, or auto: the preset of every stage's Config"""
+    """small, medium, or auto (medium on CUDA): the preset of every stage's Config"""
     device: str = "auto"
     """cpu, cuda, or auto"""
     ppo_betas: str = "0.01,0.03,0.1,0.3"
@@ -65,7 +65,7 @@ class Config:
     """steps of every PPO and DPO sweep run; 0 keeps each stage's preset"""
 
 
-PRESETS = {"cpu": {}, "gpu": {}}  # the sweep's own fields are the same on both; the preset sizes each stage's runs
+PRESETS = {"small": {}, "medium": {}}  # the sweep's own fields are the same on both; the preset sizes each stage
 
 
 def check(cfg):

@@ -14,7 +14,7 @@ patterns collect test_*.py and *_test.py files only, and nothing here is named t
                       rollout (generation), scoring (policy, reference, critic and reward-model forward passes) and
                       update (the PPO epochs), with the peak memory. Skipped if ppo.py is missing.
 
-On CPU it runs the small shape (the cpu preset's model) in fp32; on CUDA also GPT-2 small (124M) in bf16 with fused
+On CPU it runs the small shape (the small preset's model) in fp32; on CUDA also GPT-2 small (124M) in bf16 with fused
 AdamW, and --compile wraps both training-step models in torch.compile. Times are medians over --repeats runs after
 --warmup runs, with torch.cuda.synchronize around each on CUDA. On a shared machine the numbers are noisy: compare
 ratios measured in one run, not absolute numbers across runs. On CPU it uses one thread by default (--threads).
@@ -47,7 +47,7 @@ class Config:
     device: str = "auto"
     """cpu, cuda, or auto"""
     shapes: str = "small"
-    """comma-separated model shapes to benchmark: small (the cpu preset's model), gpt2 (124M)"""
+    """comma-separated model shapes to benchmark: small (the small preset's model), gpt2 (124M)"""
     batch_size: int = 8
     """sequences per training step (each block_size tokens long)"""
     gen_batch: int = 8

@@ -18,7 +18,7 @@ from model import load_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=128, n_docs=100, n_demos=50, pretrain_steps=2, sft_steps=2,
-            batch_size=4, eval_prompts=2, max_new_tokens=8, preset="cpu", device="cpu")
+            batch_size=4, eval_prompts=2, max_new_tokens=8, preset="small", device="cpu")
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def chain(tmp_path):
 def test_a_stage_records_its_settings_its_parent_and_the_world(chain):
     cfg, rec = chain
     pretrain = load_checkpoint(os.path.join(cfg.out_dir, "pretrain", "model.pt"))["built_from"]
-    assert rec["stage"] == "sft" and rec["preset"] == "cpu" and rec["world"] == data.fingerprint()
+    assert rec["stage"] == "sft" and rec["preset"] == "small" and rec["world"] == data.fingerprint()
     assert rec["settings"]["sft_steps"] == 2 and "eval_prompts" not in rec["settings"]  # what shapes it, only
     assert rec["parents"] == {"pretrain": sft.record_id(pretrain)} and pretrain["settings"]["n_embd"] == 32
     assert sft.record("sft", cfg) == rec  # asked again with the same settings: the same record
@@ -54,8 +54,8 @@ def test_other_settings_of_the_stage_asked_for_stop_the_run(chain):
 
 def test_another_world_or_preset_stops_the_run(chain, monkeypatch):
     cfg, _ = chain
-    with pytest.raises(sft.StageMismatch, match=r"the cpu preset \(this run: gpu\)"):
-        sft.check_reuse("sft", dataclasses.replace(cfg, preset="gpu"))
+    with pytest.raises(sft.StageMismatch, match=r"the small preset \(this run: medium\)"):
+        sft.check_reuse("sft", dataclasses.replace(cfg, preset="medium"))
     monkeypatch.setattr(data, "fingerprint", lambda: "0000beef")
     with pytest.raises(sft.StageMismatch, match=r"another world or tokenizer"):
         sft.ensure_stage("sft", cfg)
@@ -68,13 +68,13 @@ def test_a_rebuilt_parent_stops_the_run(chain):
                                                 r"\(rebuilt or removed since\); seed=1337 \(this run: 7\)"):
         sft.check_reuse("sft", dataclasses.replace(cfg, seed=7))
     with pytest.raises(sft.StageMismatch, match=r"another .*pretrain/model.pt \(rebuilt or removed since\)"):
-        sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="cpu", device="cpu"))
+        sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="small", device="cpu"))
 
 
 def test_a_later_script_reuses_a_stage_built_with_other_settings_and_says_so(chain, capsys):
     # reward.py does not state the SFT settings: it asks for the preset's, and prints how this SFT model differs
     cfg, _ = chain
-    sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="cpu", device="cpu"))
+    sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="small", device="cpu"))
     out = capsys.readouterr().out
     assert "== reusing" in out and "sft_steps=2 (this run: 600)" in out and "n_embd=32 (this run: 128)" in out
 
@@ -83,7 +83,7 @@ def test_an_output_without_a_record_is_not_reused(tmp_path):
     (tmp_path / "reward").mkdir()
     (tmp_path / "reward" / "pairs.jsonl").write_text("")
     with pytest.raises(sft.StageMismatch, match=r"pairs.jsonl has no record of what it was built from"):
-        sft.ensure_stage("pairs", reward.Config(out_dir=str(tmp_path), preset="cpu", device="cpu"))
+        sft.ensure_stage("pairs", reward.Config(out_dir=str(tmp_path), preset="small", device="cpu"))
 
 
 def test_the_issue_example_stops_before_any_work_in_one_line(tmp_path):

@@ -19,7 +19,7 @@ from model import load_model
 
 torch.set_num_threads(1)
 TINY_SFT = dict(n_layer=1, n_head=2, n_embd=32, block_size=128, n_docs=100, n_demos=50, pretrain_steps=3,
-                sft_steps=3, batch_size=4, eval_prompts=2, max_new_tokens=8, preset="cpu", device="cpu")
+                sft_steps=3, batch_size=4, eval_prompts=2, max_new_tokens=8, preset="small", device="cpu")
 
 
 def fused_adamw_on_cpu():
@@ -40,15 +40,15 @@ def chain(tmp_path_factory):
         out = str(tmp_path_factory.mktemp("bf16"))
         sft.sft(sft.Config(out_dir=out, **TINY_SFT))  # pretrain (causal LM) first
         sft.pretrain(sft.Config(out_dir=out, stage="pretrain", objective="mlm", **TINY_SFT))
-        rcfg = reward.Config(out_dir=out, preset="cpu", device="cpu", n_prompts=4, k=2, n_eval_pairs=4, steps=3,
+        rcfg = reward.Config(out_dir=out, preset="small", device="cpu", n_prompts=4, k=2, n_eval_pairs=4, steps=3,
                              batch_size=2, eval_prompts=2, bon_prompts=2, bon_max_n=2, max_new_tokens=8,
                              rs_prompts=2, rs_n=2, rs_steps=2)
         reward.train(rcfg)
         reward.rejection_sampling(rcfg)
-        ppo.train(ppo.Config(out_dir=out, preset="cpu", device="cpu", steps=2, batch_size=4,
+        ppo.train(ppo.Config(out_dir=out, preset="small", device="cpu", steps=2, batch_size=4,
                              n_epochs=1, n_minibatches=2, max_new_tokens=8, n_prompts=8, eval_prompts=2,
                              sample_every=0))
-        dpo.train(dpo.Config(out_dir=out, preset="cpu", device="cpu", steps=2, batch_size=2,
+        dpo.train(dpo.Config(out_dir=out, preset="small", device="cpu", steps=2, batch_size=2,
                              val_frac=0.0, eval_prompts=2, max_new_tokens=8))
     return out
 
@@ -94,7 +94,7 @@ def test_first_line_names_device_dtype_and_preset(capsys, monkeypatch):
     monkeypatch.setattr(model, "nvidia_gpu_visible", lambda: False)
     model.parse_config(ppo.Config, ["--device=cpu", "--steps=3"], ppo.PRESETS, ppo.check)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"device cpu | dtype float32 | preset cpu | torch {torch.__version__}"
+    assert lines[0] == f"device cpu | dtype float32 | preset small | torch {torch.__version__}"
     assert lines[1:] == ["override: device = 'cpu'", "override: steps = 3"]
 
 

@@ -154,7 +154,7 @@ def test_split_by_prompt_holds_out_whole_prompts():
 def test_train_end_to_end_on_tiny_model(tmp_path):
     pairs_path = tmp_path / "pairs.jsonl"
     pairs_path.write_text("".join(json.dumps(p) + "\n" for p in toy_pairs()))
-    cfg = dpo.Config(data=str(pairs_path), out_dir=str(tmp_path), preset="cpu", device="cpu", steps=3,
+    cfg = dpo.Config(data=str(pairs_path), out_dir=str(tmp_path), preset="small", device="cpu", steps=3,
                      batch_size=2, val_frac=0.34, eval_every=2, eval_prompts=4, max_new_tokens=8)
     sft.save_stage(str(tmp_path / "sft"), tiny_gpt(), {}, step=0, built_from=sft.record("sft", cfg))
     metrics = dpo.train(cfg)

@@ -80,7 +80,7 @@ def test_floats_and_running_mean():
 def test_tiny_sweep_end_to_end(tmp_path):
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=data.tokenizer().n_vocab, block_size=72, n_layer=1, n_head=2, n_embd=32))
-    cfg = frontier.Config(out_dir=str(tmp_path), preset="cpu", device="cpu", ppo_betas="0.1,1", dpo_betas="0.5",
+    cfg = frontier.Config(out_dir=str(tmp_path), preset="small", device="cpu", ppo_betas="0.1,1", dpo_betas="0.5",
                           overopt_steps=3)
     # the three stages the sweep starts from, each with its record, in the chain's order
     sft.save_stage(str(tmp_path / "sft"), policy, {}, step=0, built_from=sft.record("sft", cfg))

@@ -284,12 +284,12 @@ def test_cpu_path_runs_in_fp32_and_cuda_path_in_bf16(monkeypatch):
     assert pick_device("auto") == "cuda"
 
 
-@pytest.mark.parametrize("cuda, preset", [(False, "cpu"), (True, "gpu")])
+@pytest.mark.parametrize("cuda, preset", [(False, "small"), (True, "medium")])
 def test_auto_preset_follows_cuda(monkeypatch, cuda, preset):
     import sft
     from model import parse_config
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     cfg = parse_config(sft.Config, [], sft.PRESETS)
     assert cfg.preset == preset
-    assert cfg.n_embd == (sft.PRESETS["gpu"]["n_embd"] if cuda else sft.Config().n_embd)
+    assert cfg.n_embd == (sft.PRESETS["medium"]["n_embd"] if cuda else sft.Config().n_embd)
     assert parse_config(sft.Config, ["--n_embd=64"], sft.PRESETS).n_embd == 64  # a flag beats the preset

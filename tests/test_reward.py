@@ -235,7 +235,7 @@ def test_prompt_swap_hand_made():
 
 def test_pairs_stage_uses_the_reward_config_it_is_given(tmp_path, monkeypatch):
     # `python reward.py --n_prompts=16 --k=3 --tau=0.1` must label 16 prompts at tau 0.1, not the preset's defaults
-    cfg = reward.Config(out_dir=str(tmp_path), preset="cpu", device="cpu", n_prompts=16, k=3, tau=0.1,
+    cfg = reward.Config(out_dir=str(tmp_path), preset="small", device="cpu", n_prompts=16, k=3, tau=0.1,
                         max_new_tokens=8, seed=5, retell=False)
     sft.save_stage(str(tmp_path / "sft"), GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)),
                    {}, step=0, built_from=sft.record("sft", cfg))
@@ -327,7 +327,7 @@ def test_best_of_n_curve():
 # ----------------------------------------------------------------------------- the stages, tiny
 
 def tiny_reward_cfg(out_dir, **overrides):
-    cfg = reward.Config(out_dir=str(out_dir), preset="cpu", device="cpu", n_prompts=8, k=3, n_eval_pairs=8, steps=3,
+    cfg = reward.Config(out_dir=str(out_dir), preset="small", device="cpu", n_prompts=8, k=3, n_eval_pairs=8, steps=3,
                         batch_size=4, eval_prompts=4, bon_prompts=2, bon_max_n=4, max_new_tokens=16, rs_prompts=4,
                         rs_n=2, rs_steps=2)
     return dataclasses.replace(cfg, **overrides)
@@ -339,7 +339,7 @@ def reward_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stages")
     sft.sft(sft.Config(n_layer=1, n_head=2, n_embd=32, block_size=128, n_docs=100, n_demos=50, pretrain_steps=3,
                        sft_steps=3, batch_size=4, eval_prompts=4, max_new_tokens=16, out_dir=str(out),
-                       preset="cpu", device="cpu"))
+                       preset="small", device="cpu"))
     cfg = tiny_reward_cfg(out)
     return out, cfg, reward.train(cfg)  # labels the pairs itself, with cfg's n_prompts and k
 

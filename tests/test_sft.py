@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_cfg(tmp_path, **overrides):
     cfg = sft.Config(n_layer=1, n_head=2, n_embd=32, block_size=192, n_docs=100, n_demos=50, pretrain_steps=3,
                      sft_steps=3, batch_size=4, eval_prompts=4, max_new_tokens=16, out_dir=str(tmp_path),
-                     preset="cpu", device="cpu")
+                     preset="small", device="cpu")
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -192,14 +192,14 @@ def test_bool_flags():
 
 
 def test_presets():
-    gpu = parse_config(sft.Config, ["--preset=gpu"], sft.PRESETS)
-    assert gpu.preset == "gpu" and gpu.n_embd == sft.PRESETS["gpu"]["n_embd"] != sft.Config.n_embd
+    medium = parse_config(sft.Config, ["--preset=medium"], sft.PRESETS)
+    assert medium.preset == "medium" and medium.n_embd == sft.PRESETS["medium"]["n_embd"] != sft.Config.n_embd
     # an explicit flag wins over the preset, before or after it
-    for argv in (["--n_embd=64", "--preset=gpu"], ["--preset", "gpu", "--n_embd", "64"]):
+    for argv in (["--n_embd=64", "--preset=medium"], ["--preset", "medium", "--n_embd", "64"]):
         cfg = parse_config(sft.Config, argv, sft.PRESETS)
-        assert cfg.n_embd == 64 and cfg.n_layer == sft.PRESETS["gpu"]["n_layer"]
-    assert parse_config(sft.Config, [], sft.PRESETS).preset == ("gpu" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(SystemExit, match="--preset=tpu: must be one of auto, cpu, gpu"):
+        assert cfg.n_embd == 64 and cfg.n_layer == sft.PRESETS["medium"]["n_layer"]
+    assert parse_config(sft.Config, [], sft.PRESETS).preset == ("medium" if torch.cuda.is_available() else "small")
+    with pytest.raises(SystemExit, match="--preset=tpu: must be one of auto, small, medium"):
         parse_config(sft.Config, ["--preset=tpu"], sft.PRESETS)
 
 
