@@ -383,8 +383,8 @@ def announce(cfg):
     """Every script's first line: the device, dtype and preset it picked; and one warning line when an NVIDIA GPU
     is visible but this torch cannot use it (the CPU build of PyTorch), instead of a quiet run on the CPU."""
     device = pick_device(cfg.device)
-    dtype = AUTOCAST.get(torch.device(device).type) or torch.float32
-    print(f"device {device} | dtype {str(dtype).replace('torch.', '')} | preset {cfg.preset} | torch {torch.__version__}")
+    dtype = str(AUTOCAST.get(torch.device(device).type) or torch.float32).replace("torch.", "")
+    print(f"device {device} | dtype {dtype} | preset {cfg.preset} | torch {torch.__version__}")
     if nvidia_gpu_visible() and not torch.cuda.is_available():
         print(f"warning: an NVIDIA GPU is visible but torch {torch.__version__} cannot use it; for the CUDA build: "
               f"pip install --force-reinstall torch=={torch.__version__.split('+')[0]}", file=sys.stderr)
