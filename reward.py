@@ -63,7 +63,9 @@ class Config:
     32 pairs the reward model did not read the prompt at all; at 1280 of 8 it does, in part)"""
     batch_size: int = 8
     """pairs per step"""
-    lr: float = 5e-4
+    lr: float = 1e-3
+    """on three seeds 1e-3 left a mean gap to the ceiling of 12.9 points and a prompt-swap drop of 12.5; 5e-4 left
+    14.8 and 8.3"""
     weight_decay: float = 0.1
     max_new_tokens: int = 120
     eval_prompts: int = 256
