@@ -64,8 +64,8 @@ class Config:
     batch_size: int = 8
     """pairs per step"""
     lr: float = 1e-3
-    """on three seeds 1e-3 left a mean gap to the ceiling of 12.9 points and a prompt-swap drop of 12.5; 5e-4 left
-    14.8 and 8.3"""
+    """on three seeds (one thread) 1e-3 left a mean gap to the ceiling of 12.9 points and a prompt-swap drop of
+    12.5; 5e-4 left 14.8 and 8.3. A run on two threads moves both by points: README, stage 3a"""
     weight_decay: float = 0.1
     max_new_tokens: int = 120
     eval_prompts: int = 256
