@@ -423,6 +423,11 @@ def _convert(field, text, flag):
         raise SystemExit(f"error: {flag}={text}: must be {TYPE_WORDS[kind]}") from None
 
 
+def resolve_preset(preset):
+    """--preset=auto is "medium" where CUDA is available, else "small"; any other name is itself."""
+    return ("medium" if torch.cuda.is_available() else "small") if preset == "auto" else preset
+
+
 def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
     """A Config from `--field=value` / `--field value` flags, checked against the dataclass. `presets` maps a
     preset name to field overrides; `--preset=auto` picks "medium" when CUDA is available, else "small". Explicit
@@ -454,9 +459,7 @@ def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
         i += 1
     cfg = cls()
     if presets and "preset" in fields:
-        preset = overrides.get("preset", cfg.preset)
-        if preset == "auto":
-            preset = "medium" if torch.cuda.is_available() else "small"
+        preset = resolve_preset(overrides.get("preset", cfg.preset))
         if preset not in presets:
             raise SystemExit(f"error: --preset={preset}: must be one of auto, {', '.join(presets)}")
         cfg = dataclasses.replace(cfg, **presets[preset], preset=preset)

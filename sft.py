@@ -27,7 +27,8 @@ import torch
 import data
 from model import (FUSED, GPT, CheckpointError, GPTConfig, atomic_write, autocast, check_finite, deferred_interrupt,
                    files_or_empty, interval, load_checkpoint, load_model, non_negative, one_line_errors, one_of,
-                   parse_config, pick_device, positive, run_fields, save_checkpoint, to_device, token_logprobs)
+                   parse_config, pick_device, positive, resolve_preset, run_fields, save_checkpoint, to_device,
+                   token_logprobs)
 
 
 @dataclass
@@ -407,6 +408,8 @@ CHAIN = {
     "dpo":       ("dpo", ("sft", "pairs"), ()),
 }
 OUTPUTS = {"pairs": ("reward", "pairs.jsonl"), "reward": ("reward", "model.pt")}  # the rest: <stage>/model.pt
+BUILDERS = {"pretrain": "pretrain", "sft": "sft", "pairs": "label_training_pairs", "reward": "train",
+            "rejection": "rejection_sampling"}  # the function of the stage's script that builds it
 
 
 class StageMismatch(CheckpointError):
@@ -444,12 +447,8 @@ def record(stage, cfg):
             with open(settings[f], "rb") as file:
                 settings[f] = f"{settings[f]} (crc {zlib.crc32(file.read()):08x})"
     parents = [p for p in parents if not (p == "pairs" and cfg.data)]  # a user's pairs file replaces the stage
-    return {"stage": stage, "preset": preset_name(cfg.preset), "settings": settings, "world": data.fingerprint(),
+    return {"stage": stage, "preset": resolve_preset(cfg.preset), "settings": settings, "world": data.fingerprint(),
             "parents": {p: record_id(read_record(output_path(p, cfg.out_dir))) for p in parents}}
-
-
-def preset_name(preset):
-    return ("medium" if torch.cuda.is_available() else "small") if preset == "auto" else preset
 
 
 def record_id(rec):
@@ -499,11 +498,8 @@ def ensure_stage(stage, cfg):
         check_reuse(stage, cfg)
         return path
     print(f"== {path} is missing: running stage {stage!r} first")
-    scfg = stage_config(stage, cfg)
-    script = importlib.import_module(CHAIN[stage][0])
-    build = {"pretrain": pretrain, "sft": sft, "pairs": getattr(script, "label_training_pairs", None),
-             "reward": getattr(script, "train", None), "rejection": getattr(script, "rejection_sampling", None)}
-    build[stage](scfg)
+    build = getattr(importlib.import_module(CHAIN[stage][0]), BUILDERS[stage])
+    build(stage_config(stage, cfg))
     return path
 
 
