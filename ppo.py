@@ -10,6 +10,11 @@ a few epochs of clipped policy-gradient steps (Schulman et al. 2017) on them:
   value loss         L_vf = E_t[ 0.5 * max((V - R_t)^2, (V_clipped - R_t)^2) ],   R_t = A_t + V_old(s_t)
   adaptive beta      beta <- beta * (1 + clip((KL - KL_target) / KL_target, -0.2, 0.2) * n / horizon)
 
+Without a critic (--advantage=rloo or grpo), G samples per prompt and one advantage per sample, on every token:
+  sequence reward    r_i = score_i - beta * sum_t kl_t                  (the same objective as the per-token one)
+  RLOO               A_i = r_i - mean_{j != i} r_j                      (Ahmadian et al. 2024)
+  GRPO               A_i = (r_i - mean_j r_j) / std_j r_j               (Shao et al. 2024, DeepSeekMath)
+
 Symbols and shapes: B rollouts per step, P prompt length (left-padded), R response length (right-padded after
 EOS), s_t the prompt plus the first t response tokens, a_t the t-th response token, pi_ref the frozen SFT model.
 
@@ -29,9 +34,17 @@ Choices, and where they come from:
     lm-human-preference-details / TRL trick), so the policy cannot win by rambling past the end.
   - Dropout stays off (eval mode throughout), so on the first minibatch the ratio is exactly 1.
   - No entropy bonus and a constant learning rate, as in lm-human-preferences.
+  - RLOO and GRPO keep the KL in the reward (summed over the response), where GRPO's paper puts a k3 KL term into
+    the loss instead: so all three advantages optimise the same reward - beta * KL, and the frontier compares
+    advantage estimators, not objectives. Their advantages are not whitened again (GRPO's already are, per group).
+  - --reward=gold trains against the gold human itself: an oracle no real lab has, and the line on the frontier
+    that a learned reward model is measured against.
 
 Run:  python ppo.py                  (builds missing earlier stages, then out/ppo/model.pt and metrics.json)
       python ppo.py --kl_coef=0.01 --adaptive_kl=true
+      python ppo.py --advantage=rloo --group_size=4 --out_dir=out_rloo    (no critic; the same for grpo)
+      python ppo.py --reward=gold --out_dir=out_gold                     (RL on the gold human itself)
+      python ppo.py --init=rejection                 (start from reward.py --stage=rejection's model, as LLaMA-2)
 """
 import json
 import os
@@ -44,7 +57,7 @@ import torch.nn.functional as F
 import data
 import reward
 import sft
-from model import (autocast, check_finite, interval, load_model, masked_mean, masked_whiten, non_negative,
+from model import (autocast, check_finite, interval, load_model, masked_mean, masked_whiten, non_negative, one_of,
                    one_line_errors, parse_config, pick_device, positive, run_fields, token_logprobs)
 
 
@@ -96,6 +109,14 @@ class Config:
     """held-out prompts for the gold-human evaluation"""
     sample_every: int = 10
     """print one rollout every this many steps"""
+    advantage: str = "gae"
+    """gae: the critic and GAE; rloo or grpo: no critic, G samples per prompt compared with each other"""
+    group_size: int = 4
+    """G: samples per prompt for rloo and grpo (batch_size / G prompts a step); gae samples one per prompt"""
+    reward: str = "model"
+    """model: the reward model; gold: the gold human itself (data.gold_reward), an oracle"""
+    init: str = "sft"
+    """the model PPO starts from: sft, or rejection (LLaMA-2's order: rejection sampling first); pi_ref stays SFT"""
 
 
 PRESETS = {"small": {}, "medium": dict(steps=60)}  # sft.PRESETS says what they are
@@ -111,6 +132,13 @@ def check(cfg):
     yield interval(cfg, "gamma", "[0, 1]")
     yield interval(cfg, "lam", "[0, 1]")
     yield interval(cfg, "cliprange", "(0, 1)")
+    yield one_of(cfg, "advantage", "gae", "rloo", "grpo")
+    yield one_of(cfg, "reward", "model", "gold")
+    yield one_of(cfg, "init", "sft", "rejection")
+    grouped = cfg.advantage != "gae"  # gae samples one response a prompt: group_size is not used
+    yield "group_size", not grouped or cfg.group_size >= 2, ">= 2: a sample is compared with the others of its prompt"
+    divides = cfg.group_size > 0 and cfg.batch_size % cfg.group_size == 0
+    yield "group_size", not grouped or divides, f"a divisor of --batch_size={cfg.batch_size}"
     yield sft.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
     yield sft.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
     yield sft.fits_sft_model(cfg)
@@ -183,6 +211,18 @@ def value_loss(values, old_values, returns, mask, cliprange_value):
     return vf_loss, vf_clipfrac
 
 
+def group_advantages(seq_rewards, group_size, kind):
+    """One advantage per sample, from the other samples of its prompt: no critic. seq_rewards (B,), rows in groups
+    of G = group_size consecutive samples of one prompt. kind: "rloo" or "grpo". Returns (B,)."""
+    r = seq_rewards.view(-1, group_size)  # (B/G, G)
+    if kind == "rloo":
+        # A_i = r_i - mean_{j != i} r_j, with mean_{j != i} r_j = (sum_j r_j - r_i) / (G - 1)
+        baseline = (r.sum(1, keepdim=True) - r) / (group_size - 1)
+        return (r - baseline).view(-1)
+    # A_i = (r_i - mean_j r_j) / std_j r_j   (the sample std; a group whose rewards all tie gets 0)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1)
+
+
 def update_kl_coef(kl_coef, kl, target, n_steps, horizon):
     """Ziegler et al. 2019's adaptive controller: raise beta when the KL is above target, lower it when below.
     kl: the measured mean sequence KL; n_steps: rollouts since the last update."""
@@ -233,7 +273,7 @@ def rollout(policy, ref, critic, reward_fn, prompt_ids, max_new_tokens, kl_coef,
     with autocast(device):
         logprobs = token_logprobs(response_logits(policy, ids, attention_mask, P), response)  # (B, R)
         ref_logprobs = token_logprobs(response_logits(ref, ids, attention_mask, P), response)  # (B, R)
-        values = critic(ids, attention_mask)[:, P - 1:-1].float()  # (B, R)
+        values = torch.zeros_like(logprobs) if critic is None else critic(ids, attention_mask)[:, P - 1:-1].float()
         # 3. score the whole response with the reward function (the reward model by default)
         raw_scores = reward_fn(ids, attention_mask, P).float()  # (B,)
     # 4. penalise responses that never emit EOS
@@ -256,15 +296,31 @@ def rm_reward_fn(rm):
     return lambda ids, attention_mask, P: reward.rm_scores(rm, ids, attention_mask)
 
 
+def gold_reward_fn(ids, attention_mask, P):
+    """The gold human as a reward_fn: data.gold_reward of each row's prompt and response text, EOS left out."""
+    eot = data.special(data.EOT)
+    scores = []
+    for row, real in zip(ids.tolist(), attention_mask.tolist()):
+        prompt = [t for t, m in zip(row[:P], real[:P]) if m]
+        response = [t for t, m in zip(row[P:], real[P:]) if m and t != eot]
+        scores.append(data.gold_reward(data.decode(prompt), data.decode(response)))
+    return torch.tensor(scores, device=ids.device)
+
+
 # ----------------------------------------------------------------------------- PPO
 
 def ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen):
     """n_epochs passes of minibatch updates on one rollout batch. Returns the mean of each logged statistic."""
     device = batch["ids"].device
     mask = batch["mask"]
-    # 6. advantages and returns by GAE, then whiten the advantages over real tokens
-    advantages, returns = compute_gae(batch["rewards"], batch["values"], mask, cfg.gamma, cfg.lam)  # (B, R)
-    advantages = masked_whiten(advantages, mask)
+    if cfg.advantage == "gae":
+        # 6. advantages and returns by GAE, then whiten the advantages over real tokens
+        advantages, returns = compute_gae(batch["rewards"], batch["values"], mask, cfg.gamma, cfg.lam)  # (B, R)
+        advantages = masked_whiten(advantages, mask)
+    else:
+        # 6'. one advantage per sample against the others of its prompt, on each of its tokens
+        seq_advantages = group_advantages(batch["rewards"].sum(1), cfg.group_size, cfg.advantage)  # (B,)
+        advantages = seq_advantages[:, None] * mask  # (B, R)
     B, P = mask.size(0), batch["P"]
     mb_size = B // cfg.n_minibatches
     stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy")}
@@ -280,41 +336,49 @@ def ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen):
             pg_loss, approx_kl, clipfrac = policy_loss(new_logprobs, batch["logprobs"][mb_inds],
                                                        advantages[mb_inds], mb_mask, cfg.cliprange)
             sft.optimizer_step(policy, policy_opt, pg_loss, cfg.lr, cfg.max_grad_norm)
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits), mb_mask)
+            for k, v in dict(pg_loss=pg_loss, approx_kl=approx_kl, clipfrac=clipfrac, entropy=entropy).items():
+                stats[k].append(v.item())
+            if critic is None:
+                continue
             # 8. critic: clipped regression of V(s_t) on the returns
             with autocast(device):
                 new_values = critic(mb_ids, mb_attn)[:, P - 1:-1].float()  # (mb, R)
             vf_loss, vf_clipfrac = value_loss(new_values, batch["values"][mb_inds], returns[mb_inds], mb_mask,
                                               cfg.cliprange_value)
             sft.optimizer_step(critic, critic_opt, vf_loss, cfg.critic_lr, cfg.max_grad_norm)
-            with torch.no_grad():
-                entropy = masked_mean(entropy_from_logits(logits), mb_mask)
-            for k, v in dict(pg_loss=pg_loss, vf_loss=vf_loss, approx_kl=approx_kl, clipfrac=clipfrac,
-                             vf_clipfrac=vf_clipfrac, entropy=entropy).items():
-                stats[k].append(v.item())
-    out = {k: sum(v) / len(v) for k, v in stats.items()}
-    out["explained_var"] = explained_variance(batch["values"], returns, mask)
+            stats["vf_loss"].append(vf_loss.item())
+            stats["vf_clipfrac"].append(vf_clipfrac.item())
+    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    if critic is not None:
+        out["explained_var"] = explained_variance(batch["values"], returns, mask)
     return out
 
 
 def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
     """PPO from the SFT model against the reward model. Any of the four can be passed in instead (tests pass a
     tiny GPT and a toy reward_fn(ids, attention_mask, P) -> (B,)); missing ones are loaded from out_dir, building
-    the earlier stages first if needed. Returns the final metrics."""
+    the earlier stages first if needed. RLOO and GRPO use no critic. Returns the final metrics."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    if None in (policy, ref, critic, reward_fn):
+    needs_critic = cfg.advantage == "gae"
+    if cfg.reward == "gold" and reward_fn is None:
+        reward_fn = gold_reward_fn
+    if None in (policy, ref, reward_fn) or (needs_critic and critic is None):
         rm_path = sft.ensure_stage("reward", cfg)  # also builds out/sft
         sft_path = sft.ensure_stage("sft", cfg)
-        policy = load_model(sft_path, device) if policy is None else policy
+        policy = load_model(sft.ensure_stage(cfg.init, cfg), device) if policy is None else policy
         ref = load_model(sft_path, device) if ref is None else ref
-        critic = load_model(rm_path, device) if critic is None else critic  # the critic starts as the RM
+        if needs_critic and critic is None:
+            critic = load_model(rm_path, device)  # the critic starts as the RM
         if reward_fn is None:
             rm = load_model(rm_path, device).requires_grad_(False).eval()
             reward_fn = rm_reward_fn(rm)
-    policy, critic = policy.to(device).eval(), critic.to(device).eval()
-    ref = ref.to(device).requires_grad_(False).eval()
+    critic = critic.to(device).eval() if needs_critic else None
+    policy, ref = policy.to(device).eval(), ref.to(device).requires_grad_(False).eval()
     policy_opt = sft.make_optimizer(policy, cfg.lr, 0.0, device)
-    critic_opt = sft.make_optimizer(critic, cfg.critic_lr, 0.0, device)
+    critic_opt = sft.make_optimizer(critic, cfg.critic_lr, 0.0, device) if needs_critic else None
 
     prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", cfg.n_prompts, seed=cfg.seed)]
     prompt_ids = [torch.tensor(data.encode(p)) for p in prompts]
@@ -326,12 +390,13 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
     kl_coef, history = cfg.kl_coef, []
     for step in range(cfg.steps):
         t0 = time.time()
-        pick = torch.randint(len(prompts), (cfg.batch_size,), generator=gen).tolist()
+        group = 1 if cfg.advantage == "gae" else cfg.group_size  # G samples of each prompt, in consecutive rows
+        pick = torch.randint(len(prompts), (cfg.batch_size // group,), generator=gen).repeat_interleave(group).tolist()
         batch = rollout(policy, ref, critic, reward_fn, [prompt_ids[i] for i in pick], cfg.max_new_tokens,
                         kl_coef, cfg.no_eos_penalty, device)
         check_finite(step, score=batch["raw_scores"], reward=batch["rewards"])
         stats = ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen)
-        check_finite(step, pg_loss=stats["pg_loss"], vf_loss=stats["vf_loss"])
+        check_finite(step, pg_loss=stats["pg_loss"], vf_loss=stats.get("vf_loss", 0.0))
         texts = response_texts(batch)
         gold = sum(data.gold_reward(prompts[i], t) for i, t in zip(pick, texts)) / len(texts)
         kl = float(batch["kl"].sum(1).mean())  # mean sequence KL(pi || pi_ref), k1 summed over each response

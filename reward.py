@@ -18,7 +18,6 @@ Run:  python reward.py                       (builds missing earlier stages; out
       python reward.py --stage=rejection     (best-of-N samples become SFT data; out/rejection/)
       python reward.py --data=my_pairs.jsonl (your own preference pairs)
 """
-import dataclasses
 import itertools
 import json
 import math
@@ -316,17 +315,15 @@ def pearson(x, y):
     return float((x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-12))
 
 
-def train(cfg):
-    device = pick_device(cfg.device)
-    pairs = load_pairs(cfg.data) if cfg.data else None  # a bad file of the user's is reported before any training
-    policy = load_model(sft.ensure_stage("sft", cfg), device)
-    pairs = pairs or load_pairs(sft.ensure_stage("pairs", cfg))
-    eval_prompts = sft.eval_prompts(cfg.n_eval_pairs)
-    eval_pairs, ceiling = label_pairs(policy, eval_prompts, cfg.tau, cfg.max_new_tokens, device, cfg.seed + 1)
-    print(f"{len(pairs)} training pairs; held-out labels agree with the gold order {ceiling:.3f} (the ceiling)")
-    torch.manual_seed(cfg.seed)
-    rm = ScalarHeadModel.from_gpt(policy).to(device)
-    history = train_reward_model(rm, pairs, cfg, device)
+def held_out_pairs(policy, cfg, device):
+    """(pairs, ceiling): two fresh SFT samples on each of n_eval_pairs held-out prompts, labelled, and how often the
+    labels agree with the gold order. The same for every reward model trained against this SFT model and seed."""
+    return label_pairs(policy, sft.eval_prompts(cfg.n_eval_pairs), cfg.tau, cfg.max_new_tokens, device, cfg.seed + 1)
+
+
+def centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device):
+    """Centre the reward model on SFT samples, then measure it against the gold human: held-out accuracy (against
+    the labels and against the labeller's coin), by term, the RM-gold correlation, and the prompt swap."""
     # centre the RM on SFT samples: r <- r - mean r(SFT samples)
     torch.manual_seed(cfg.seed + 2)
     prompts = sft.eval_prompts(cfg.eval_prompts)
@@ -337,7 +334,7 @@ def train(cfg):
     gold = [data.gold_reward(p, t) for p, t in zip(prompts, texts)]
     chosen, rejected = pair_scores(rm, eval_pairs, device)
     metrics = {"heldout_accuracy": float((chosen > rejected).float().mean()), "label_ceiling": ceiling,
-               "rm_gold_correlation": pearson(scores, gold), "train_accuracy": history[-1]["accuracy"]}
+               "rm_gold_correlation": pearson(scores, gold)}
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     metrics["heldout_accuracy_expected"], metrics["label_ceiling_expected"] = expected_accuracy(
         [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in eval_pairs],
@@ -351,6 +348,21 @@ def train(cfg):
     metrics["prompt_swap"] = prompt_swap(lambda ps, rs: score_texts(rm, ps, rs, device), eval_pairs)
     print("  under another prompt: reward model agrees with gold {right:.3f} -> {swapped:.3f} (drop {drop:.3f}); "
           "the gold human itself 1 -> {gold_swapped:.3f} (drop {gold_drop:.3f})".format(**metrics["prompt_swap"]))
+    return metrics
+
+
+def train(cfg):
+    device = pick_device(cfg.device)
+    pairs = load_pairs(cfg.data) if cfg.data else None  # a bad file of the user's is reported before any training
+    policy = load_model(sft.ensure_stage("sft", cfg), device)
+    pairs = pairs or load_pairs(sft.ensure_stage("pairs", cfg))
+    eval_pairs, ceiling = held_out_pairs(policy, cfg, device)
+    print(f"{len(pairs)} training pairs; held-out labels agree with the gold order {ceiling:.3f} (the ceiling)")
+    torch.manual_seed(cfg.seed)
+    rm = ScalarHeadModel.from_gpt(policy).to(device)
+    history = train_reward_model(rm, pairs, cfg, device)
+    metrics = {**centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device),
+               "train_accuracy": history[-1]["accuracy"]}
     metrics["best_of_n"] = best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device)
     sft.save_stage(os.path.join(cfg.out_dir, "reward"), rm, {**metrics, "config": asdict(cfg), "history": history},
                    step=cfg.steps, built_from=sft.record("reward", cfg))

@@ -447,6 +447,7 @@ def record(stage, cfg):
             with open(settings[f], "rb") as file:
                 settings[f] = f"{settings[f]} (crc {zlib.crc32(file.read()):08x})"
     parents = [p for p in parents if not (p == "pairs" and cfg.data)]  # a user's pairs file replaces the stage
+    parents += ["rejection"] if getattr(cfg, "init", "sft") == "rejection" else []  # ppo.py --init=rejection
     return {"stage": stage, "preset": resolve_preset(cfg.preset), "settings": settings, "world": data.fingerprint(),
             "parents": {p: record_id(read_record(output_path(p, cfg.out_dir))) for p in parents}}
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import data
+import ppo
 import reward
 import sft
-from model import load_checkpoint
+from model import load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
@@ -100,3 +101,14 @@ def test_the_issue_example_stops_before_any_work_in_one_line(tmp_path):
     assert result.stderr.startswith(f"error: stage 'pretrain': {tmp_path}/pretrain/model.pt was built with n_embd=32 "
                                     f"(this run: 64); delete {tmp_path}/pretrain/ to rebuild it")
     assert not os.path.exists(tmp_path / "sft")
+
+
+def test_ppo_from_rejection_sampling_records_that_parent_too(chain):
+    cfg, _ = chain
+    stub = {"stage": "rejection", "settings": {}}  # a stand-in rejection-sampled model: only its record is read
+    policy = load_model(os.path.join(cfg.out_dir, "sft", "model.pt"), "cpu")
+    sft.save_stage(os.path.join(cfg.out_dir, "rejection"), policy, {}, step=0, built_from=stub)
+    from_sft = sft.record("ppo", ppo.Config(out_dir=cfg.out_dir, preset="small"))
+    from_rs = sft.record("ppo", ppo.Config(out_dir=cfg.out_dir, preset="small", init="rejection"))
+    assert "rejection" not in from_sft["parents"] and from_sft["settings"]["init"] == "sft"
+    assert from_rs["parents"]["rejection"] == sft.record_id(stub) and from_rs["settings"]["init"] == "rejection"

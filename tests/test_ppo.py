@@ -175,3 +175,63 @@ def test_tiny_ppo_raises_a_toy_reward(tmp_path):
     for key in ("score", "gold", "follow", "kl", "kl_coef", "approx_kl", "clipfrac", "entropy", "explained_var",
                 "pg_loss", "vf_loss", "ms"):
         assert key in saved["history"][-1]
+
+
+def test_group_advantages_match_a_loop_over_each_group():
+    torch.manual_seed(0)
+    G, rewards = 4, torch.randn(12)
+    for kind in ("rloo", "grpo"):
+        got = ppo.group_advantages(rewards, G, kind)
+        for g in range(0, 12, G):
+            group = rewards[g:g + G].tolist()
+            mean = sum(group) / G
+            std = math.sqrt(sum((r - mean) ** 2 for r in group) / (G - 1))  # the sample std
+            for i, r in enumerate(group):
+                others = [x for j, x in enumerate(group) if j != i]
+                expected = r - sum(others) / (G - 1) if kind == "rloo" else (r - mean) / std
+                assert math.isclose(got[g + i].item(), expected, rel_tol=1e-4, abs_tol=1e-5), (kind, g, i)
+    # hand-worked: rewards 1, 2, 3, 6. RLOO: 1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2; GRPO: (r - 3) / sqrt(14/3)
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert torch.allclose(ppo.group_advantages(r, 4, "rloo"), torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0]))
+    assert torch.allclose(ppo.group_advantages(r, 4, "grpo"), (r - 3) / math.sqrt(14 / 3), atol=1e-5)
+    # a group whose rewards all tie learns nothing from itself
+    assert (ppo.group_advantages(torch.full((4,), 2.5), 4, "grpo") == 0).all()
+    assert (ppo.group_advantages(torch.full((4,), 2.5), 4, "rloo") == 0).all()
+
+
+def test_gold_reward_fn_scores_the_decoded_prompt_and_response():
+    prompt = data.alpaca_prompt("Write a story about Tom the cat at the park.")
+    responses = ["Tom the cat went to the park. Tom was happy. The end.", "Lily was sad and"]
+    eot = data.special(data.EOT)
+    query, query_mask = data.pad_left([torch.tensor(data.encode(prompt))] * 2, eot)
+    replies = [torch.tensor(data.encode(r) + [eot]) for r in responses]
+    response = data.pad_right(replies, eot)
+    response_mask = data.pad_right([torch.ones(len(r), dtype=torch.bool) for r in replies], False)
+    ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+    scores = ppo.gold_reward_fn(ids, mask, query.size(1))
+    expected = [data.gold_reward(prompt, r) for r in responses]
+    assert expected[0] > expected[1] and torch.allclose(scores, torch.tensor(expected))
+
+
+def test_tiny_rloo_and_grpo_raise_a_toy_reward_without_a_critic(tmp_path):
+    for kind in ("rloo", "grpo"):
+        policy = tiny_gpt()
+        cfg = ppo.Config(out_dir=str(tmp_path / kind), device="cpu", steps=24, batch_size=16, n_epochs=2,
+                         n_minibatches=2, max_new_tokens=8, lr=3e-2, kl_coef=0.01, no_eos_penalty=0.0, n_prompts=64,
+                         eval_prompts=4, sample_every=0, advantage=kind, group_size=4)
+        metrics = ppo.train(cfg, policy=policy, ref=copy.deepcopy(policy), reward_fn=byte_fraction)
+        scores = [row["score"] for row in metrics["history"]]
+        assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.15, (kind, scores)
+        assert "vf_loss" not in metrics["history"][-1]  # no critic was trained
+
+
+def test_group_size_must_divide_the_batch():
+    from model import parse_config
+    for argv in (["--advantage=rloo", "--group_size=5"], ["--advantage=grpo", "--group_size=1"]):
+        try:
+            parse_config(ppo.Config, argv, ppo.PRESETS, ppo.check)
+        except SystemExit as e:
+            assert "--group_size" in str(e.code)
+        else:
+            raise AssertionError(argv)
+    parse_config(ppo.Config, ["--group_size=5"], ppo.PRESETS, ppo.check)  # gae samples one per prompt: not used
