@@ -9,6 +9,10 @@ Every method buys gold reward with distance from the SFT model; the frontier plo
   rejection     reward.py --stage=rejection (best-of-N samples as SFT data), when out/rejection exists
   PPO           one run per beta (kl_coef) in r_t = -beta * kl_t + score * [t = last]
   DPO           one run per beta in r_hat(x, y) = beta * log pi(y|x) / pi_ref(y|x)
+  gold oracle   PPO against the gold human itself (ppo.py --reward=gold), one run per beta: what a perfect
+                reward model would buy, the line the learned one is measured against
+  RLOO, GRPO    ppo.py --advantage=rloo / grpo at PPO's default beta: no critic, G samples a prompt
+  rejection->PPO  ppo.py --init=rejection at PPO's default beta (LLaMA-2's order), when out/rejection exists
 
 Each PPO/DPO run starts from fresh copies of the shared SFT model and reward model, loaded from out_dir (built
 there once if missing), and writes only its own folder, out/frontier/<method>_beta<b>/<stage>/. A run whose
@@ -23,21 +27,19 @@ Departures from a like-for-like comparison, which the reader should keep in mind
     held-out prompts; its KL is the rollout estimate, so early points can sit slightly below zero.
 
 Run:  python notebooks/frontier.py [--preset=small] [--ppo_betas=0.03,0.3] [--dpo_betas=0.1] [--steps=20]
-      writes out/frontier/results.json, table.md, frontier.svg and overoptimization.svg
+      writes out/frontier/results.json, table.md, frontier.png and overoptimization.png (matplotlib)
 """
+import io
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from xml.sax.saxutils import escape
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import dpo  # noqa: E402
 import ppo  # noqa: E402
-import reward  # noqa: E402
 import sft  # noqa: E402
 from model import (atomic_write, deferred_interrupt, load_model, non_negative, one_line_errors,  # noqa: E402
                    parse_config, pick_device, run_fields)
@@ -63,6 +65,12 @@ class Config:
     """PPO steps of the over-optimisation run; 0 skips it"""
     steps: int = 0
     """steps of every PPO and DPO sweep run; 0 keeps each stage's preset"""
+    oracle_betas: str = "0.03,0.3"
+    """PPO against the gold human itself, comma-separated betas: one run each; empty skips it"""
+    advantages: str = "rloo,grpo"
+    """critic-free advantages (ppo.py --advantage), one run each at PPO's default beta; empty skips them"""
+    rs_then_ppo: bool = True
+    """PPO from the rejection-sampled model (ppo.py --init=rejection), when out/rejection exists"""
 
 
 PRESETS = {"small": {}, "medium": {}}  # the sweep's own fields are the same on both; the preset sizes each stage
@@ -74,6 +82,8 @@ def check(cfg):
     yield from run_fields(cfg)
     yield "ppo_betas", betas(cfg.ppo_betas, lambda b: b >= 0), "comma-separated numbers >= 0"
     yield "dpo_betas", betas(cfg.dpo_betas, lambda b: b > 0), "comma-separated numbers > 0"
+    yield "oracle_betas", betas(cfg.oracle_betas, lambda b: b >= 0), "comma-separated numbers >= 0"
+    yield "advantages", set(names(cfg.advantages)) <= {"rloo", "grpo"}, "comma-separated: rloo, grpo or both"
     yield from non_negative(cfg, "overopt_kl_coef", "overopt_steps", "steps")
 
 
@@ -87,66 +97,26 @@ def betas(text, allowed):
 
 # ----------------------------------------------------------------------------- plots and tables, pure functions
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2"]
-SHAPES = ["circle", "square", "diamond", "triangle"]
+def plot_frontier(rows, ax):
+    """The reward-KL frontier on a matplotlib Axes: one line per method through its points sorted by KL."""
+    for method, kls, golds in frontier_series(rows):
+        ax.plot(kls, golds, marker="o", label=method)
+    ax.set(xlabel="KL(pi || pi_sft) (nats)", ylabel="gold reward (held-out prompts)",
+           title="Reward-KL frontier on the gold human")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside the axes: it would hide points
 
 
-def ticks(lo, hi, n=5):
-    """About n round tick values (1, 2 or 5 times a power of ten apart) from at or below lo to at or above hi."""
-    raw = (hi - lo) / n or abs(lo) / n or 1.0  # a flat range still gets a few ticks
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first, last = math.floor(lo / step), math.ceil(hi / step)
-    return [round(k * step, 10) for k in range(first, max(last, first + 1) + 1)]
-
-
-def marker(shape, x, y, colour, r=4):
-    if shape == "circle":
-        return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{colour}"/>'
-    if shape == "square":
-        return f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{colour}"/>'
-    corners = {"diamond": [(0, -1.3), (1.3, 0), (0, 1.3), (-1.3, 0)], "triangle": [(0, -1.3), (1.2, 1), (-1.2, 1)]}
-    points = " ".join(f"{x + dx * r:.1f},{y + dy * r:.1f}" for dx, dy in corners[shape])
-    return f'<polygon points="{points}" fill="{colour}"/>'
-
-
-def svg_plot(series, xlabel, ylabel, title, markers=True, width=700, height=420):
-    """A line plot as an SVG string. series: a list of (label, xs, ys); each becomes one polyline through its
-    points in the order given, with a marker at every point (if markers), in its own colour and marker shape,
-    named in the legend on the right."""
-    left, right, top, bottom = 64, 185, 36, 50  # margins: axis labels on the left and bottom, legend on the right
-    xt = ticks(min(x for _, xs, _ in series for x in xs), max(x for _, xs, _ in series for x in xs))
-    yt = ticks(min(y for _, _, ys in series for y in ys), max(y for _, _, ys in series for y in ys))
-    x0, x1, y0, y1 = left, width - right, height - bottom, top  # the plot area in pixels (y grows downwards)
-    px = lambda x: x0 + (x - xt[0]) / (xt[-1] - xt[0]) * (x1 - x0)
-    py = lambda y: y0 + (y - yt[0]) / (yt[-1] - yt[0]) * (y1 - y0)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{(x0 + x1) / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>']
-    for x in xt:  # vertical grid lines and x tick labels
-        out.append(f'<line x1="{px(x):.1f}" y1="{y0}" x2="{px(x):.1f}" y2="{y1}" stroke="#ddd"/>')
-        out.append(f'<text x="{px(x):.1f}" y="{y0 + 16}" text-anchor="middle">{x:g}</text>')
-    for y in yt:  # horizontal grid lines and y tick labels
-        out.append(f'<line x1="{x0}" y1="{py(y):.1f}" x2="{x1}" y2="{py(y):.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{x0 - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
-    out.append(f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="none" stroke="black"/>')
-    out.append(f'<text x="{(x0 + x1) / 2}" y="{height - 10}" text-anchor="middle">{escape(xlabel)}</text>')
-    out.append(f'<text transform="translate(16 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle">'
-               f'{escape(ylabel)}</text>')
-    for i, (label, xs, ys) in enumerate(series):
-        colour, shape = COLORS[i % len(COLORS)], SHAPES[i % len(SHAPES)]
-        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
-        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
-        if markers:
-            out += [marker(shape, px(x), py(y), colour) for x, y in zip(xs, ys)]
-        ly = y1 + 10 + 20 * i  # legend row
-        out.append(f'<line x1="{x1 + 12}" y1="{ly}" x2="{x1 + 36}" y2="{ly}" stroke="{colour}" stroke-width="1.5"/>')
-        if markers:
-            out.append(marker(shape, x1 + 24, ly, colour))
-        out.append(f'<text x="{x1 + 42}" y="{ly + 4}">{escape(label)}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+def plot_overoptimization(overopt, ax):
+    """Gao et al.'s picture on a matplotlib Axes: the RM score (proxy) and the gold reward of the rollouts against
+    their KL, each a 5-step running mean. overopt: results["overoptimization"]."""
+    kls, scores, golds = (running_mean([h[k] for h in overopt["history"]]) for k in ("kl", "score", "gold"))
+    ax.plot(kls, scores, label="RM score (proxy)")
+    ax.plot(kls, golds, label="gold reward")
+    ax.set(xlabel="KL(pi || pi_sft) of the rollouts (nats)", ylabel="mean reward of the rollouts (5-step mean)",
+           title=f"Over-optimisation: PPO, {overopt['setting']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def frontier_series(rows):
@@ -173,8 +143,12 @@ def markdown_table(rows):
 
 # ----------------------------------------------------------------------------- the sweep
 
+def names(text):
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def floats(text):
-    return [float(b) for b in text.split(",") if b.strip()]
+    return [float(b) for b in names(text)]
 
 
 def row(method, setting, metrics, seconds=0.0):
@@ -216,8 +190,10 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
 
         def fit():  # policy and pi_ref start as the SFT model, the critic as the RM (as ppo.train loads them)
             rm = load_model(rm_path, device).requires_grad_(False).eval()
-            return ppo.train(run_cfg, policy=load_model(sft_path, device), ref=load_model(sft_path, device),
-                             critic=load_model(rm_path, device), reward_fn=ppo.rm_reward_fn(rm))
+            start = rejection_model if run_cfg.init == "rejection" else sft_path
+            return ppo.train(run_cfg, policy=load_model(start, device), ref=load_model(sft_path, device),
+                             critic=load_model(rm_path, device) if run_cfg.advantage == "gae" else None,
+                             reward_fn=ppo.gold_reward_fn if run_cfg.reward == "gold" else ppo.rm_reward_fn(rm))
         return timed_run(run_cfg, "ppo", fit)
 
     def run_dpo(name, **overrides):
@@ -236,6 +212,7 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
     if cfg.bon:
         rows += [row("best-of-N", f"N={p['n']}", p) for p in rm_metrics.get("best_of_n", [])]
     rejection_path = os.path.join(cfg.out_dir, "rejection", "metrics.json")
+    rejection_model = os.path.join(cfg.out_dir, "rejection", "model.pt")
     if os.path.exists(rejection_path):
         with open(rejection_path) as f:
             rejection = json.load(f)
@@ -247,8 +224,18 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
     for beta in floats(cfg.dpo_betas):
         metrics, seconds = run_dpo(f"dpo_beta{beta:g}", beta=beta)
         rows.append(row("DPO", f"beta={beta:g}", metrics, seconds))
+    # 5. beyond the seeds' PPO: the gold oracle, the critic-free advantages, rejection sampling before PPO
+    for beta in floats(cfg.oracle_betas):
+        metrics, seconds = run_ppo(f"ppo_gold_beta{beta:g}", kl_coef=beta, reward="gold")
+        rows.append(row("PPO on the gold human", f"beta={beta:g}", metrics, seconds))
+    for advantage in names(cfg.advantages):
+        metrics, seconds = run_ppo(f"ppo_{advantage}", advantage=advantage)
+        rows.append(row(advantage.upper(), f"beta={ppo_cfg.kl_coef:g}, G={ppo_cfg.group_size}", metrics, seconds))
+    if cfg.rs_then_ppo and os.path.exists(rejection_model):
+        metrics, seconds = run_ppo("ppo_from_rejection", init="rejection")
+        rows.append(row("rejection -> PPO", f"beta={ppo_cfg.kl_coef:g}", metrics, seconds))
     results = {"rows": rows}
-    # 5. over-optimisation: a long PPO run with little or no KL penalty; RM score and gold of its rollouts per step
+    # 6. over-optimisation: a long PPO run with little or no KL penalty; RM score and gold of its rollouts per step
     if cfg.overopt_steps:
         metrics, seconds = run_ppo("ppo_overopt", kl_coef=cfg.overopt_kl_coef, steps=cfg.overopt_steps)
         setting = f"beta={cfg.overopt_kl_coef:g}, {cfg.overopt_steps} steps"
@@ -261,22 +248,43 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
 
 
 def write_outputs(folder, results):
-    """results.json, table.md, frontier.svg and (with an over-optimisation run) overoptimization.svg."""
-    files = {"results.json": json.dumps(results, indent=1), "table.md": markdown_table(results["rows"]),
-             "frontier.svg": svg_plot(frontier_series(results["rows"]), "KL(pi || pi_sft) (nats)",
-                                      "gold reward (held-out prompts)", "Reward-KL frontier on the gold human")}
+    """results.json, table.md, frontier.png and (with an over-optimisation run) overoptimization.png."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no window, also on a machine without a display
+    import matplotlib.pyplot as plt
+
+    def png(draw, arg):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        draw(arg, ax)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return buffer.getvalue()
+
+    files = {"results.json": json.dumps(results, indent=1).encode(),
+             "table.md": markdown_table(results["rows"]).encode(), "frontier.png": png(plot_frontier, results["rows"])}
     if "overoptimization" in results:
-        history = results["overoptimization"]["history"]
-        kls, scores, golds = (running_mean([h[k] for h in history]) for k in ("kl", "score", "gold"))
-        files["overoptimization.svg"] = svg_plot(
-            [("RM score (proxy)", kls, scores), ("gold reward", kls, golds)],
-            "KL(pi || pi_sft) of the rollouts (nats)", "mean reward of the rollouts (5-step running mean)",
-            f"Over-optimisation: PPO, {results['overoptimization']['setting']}", markers=False)
-    with deferred_interrupt():  # the four files together: Ctrl-C waits until they are written
-        for name, text in files.items():
-            with atomic_write(os.path.join(folder, name)) as f:
-                f.write(text)
+        files["overoptimization.png"] = png(plot_overoptimization, results["overoptimization"])
+    with deferred_interrupt():  # the files together: Ctrl-C waits until they are written
+        for name, content in files.items():
+            with atomic_write(os.path.join(folder, name), "wb") as f:
+                f.write(content)
     print(f"wrote {', '.join(files)} to {folder}")
+
+
+def save_rows(folder, rows, table):
+    """An experiment's results, written atomically: folder/results.json ({"rows": rows}) and folder/table.md."""
+    for name, text in [("results.json", json.dumps({"rows": rows}, indent=1)), ("table.md", table)]:
+        with atomic_write(os.path.join(folder, name)) as f:
+            f.write(text)
+
+
+def run_experiment(config_cls, check, train, markdown_table):
+    """The main() of notebooks/online.py and rm_size.py: parse the flags, train, print the table."""
+    cfg = parse_config(config_cls, presets=PRESETS, check=check)
+    with one_line_errors():
+        rows = train(cfg)
+    print(markdown_table(rows))
 
 
 def main():
