@@ -356,12 +356,10 @@ def ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen):
     return out
 
 
-def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
-    """PPO from the SFT model against the reward model. Any of the four can be passed in instead (tests pass a
-    tiny GPT and a toy reward_fn(ids, attention_mask, P) -> (B,)); missing ones are loaded from out_dir, building
-    the earlier stages first if needed. RLOO and GRPO use no critic. Returns the final metrics."""
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+def start_models(cfg, device, policy=None, ref=None, critic=None, reward_fn=None):
+    """What PPO starts from, as cfg asks (--init, --advantage, --reward): the policy, pi_ref (the SFT model), the
+    critic (the reward model; None for rloo and grpo) and the reward function. The ones not passed in are loaded
+    from cfg.out_dir, building the earlier stages first if needed."""
     needs_critic = cfg.advantage == "gae"
     if cfg.reward == "gold" and reward_fn is None:
         reward_fn = gold_reward_fn
@@ -375,10 +373,20 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
         if reward_fn is None:
             rm = load_model(rm_path, device).requires_grad_(False).eval()
             reward_fn = rm_reward_fn(rm)
-    critic = critic.to(device).eval() if needs_critic else None
+    return policy, ref, critic if needs_critic else None, reward_fn
+
+
+def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
+    """PPO from the SFT model against the reward model. Any of the four can be passed in instead (tests pass a
+    tiny GPT and a toy reward_fn(ids, attention_mask, P) -> (B,)); missing ones are loaded by start_models.
+    RLOO and GRPO use no critic. Returns the final metrics."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    policy, ref, critic, reward_fn = start_models(cfg, device, policy, ref, critic, reward_fn)
     policy, ref = policy.to(device).eval(), ref.to(device).requires_grad_(False).eval()
+    critic = None if critic is None else critic.to(device).eval()  # None for rloo and grpo
     policy_opt = sft.make_optimizer(policy, cfg.lr, 0.0, device)
-    critic_opt = sft.make_optimizer(critic, cfg.critic_lr, 0.0, device) if needs_critic else None
+    critic_opt = None if critic is None else sft.make_optimizer(critic, cfg.critic_lr, 0.0, device)
 
     prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", cfg.n_prompts, seed=cfg.seed)]
     prompt_ids = [torch.tensor(data.encode(p)) for p in prompts]

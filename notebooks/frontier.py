@@ -188,12 +188,8 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
     def run_ppo(name, **overrides):
         run_cfg = replace(ppo_cfg, out_dir=os.path.join(folder, name), **overrides)
 
-        def fit():  # policy and pi_ref start as the SFT model, the critic as the RM (as ppo.train loads them)
-            rm = load_model(rm_path, device).requires_grad_(False).eval()
-            start = rejection_model if run_cfg.init == "rejection" else sft_path
-            return ppo.train(run_cfg, policy=load_model(start, device), ref=load_model(sft_path, device),
-                             critic=load_model(rm_path, device) if run_cfg.advantage == "gae" else None,
-                             reward_fn=ppo.gold_reward_fn if run_cfg.reward == "gold" else ppo.rm_reward_fn(rm))
+        def fit():  # fresh copies of the shared stages in cfg.out_dir, as ppo.train would start from them there
+            return ppo.train(run_cfg, *ppo.start_models(replace(run_cfg, out_dir=cfg.out_dir), device))
         return timed_run(run_cfg, "ppo", fit)
 
     def run_dpo(name, **overrides):

@@ -26,7 +26,7 @@ import frontier  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
-from model import load_model, parse_config, pick_device, positive, run_fields  # noqa: E402
+from model import load_model, pick_device, positive, run_fields  # noqa: E402
 
 
 @dataclass
@@ -96,10 +96,10 @@ def markdown_table(rows):
 
 
 def train(cfg, rcfg=None, pcfg=None):
-    """Both arms. rcfg and pcfg: reward.py's and ppo.py's configs (default: their presets in cfg.out_dir)."""
-    device, argv = pick_device(cfg.device), [f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}"]
-    rcfg = rcfg or parse_config(reward.Config, argv, reward.PRESETS, reward.check, quiet=True)
-    pcfg = pcfg or parse_config(ppo.Config, argv, ppo.PRESETS, ppo.check, quiet=True)
+    """Both arms. rcfg and pcfg: reward.py's and ppo.py's configs (default: sft.stage_config, their preset's on
+    cfg.out_dir)."""
+    device = pick_device(cfg.device)
+    rcfg, pcfg = rcfg or sft.stage_config("reward", cfg), pcfg or sft.stage_config("ppo", cfg)
     rows = run_arm("offline", 1, cfg, rcfg, pcfg, device) + run_arm("online", cfg.rounds, cfg, rcfg, pcfg, device)
     frontier.save_rows(os.path.join(cfg.out_dir, "online"), rows, markdown_table(rows))
     return rows

@@ -28,8 +28,7 @@ import frontier  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
-from model import (ScalarHeadModel, load_model, parse_config,  # noqa: E402
-                   pick_device, run_fields)
+from model import ScalarHeadModel, load_model, pick_device, run_fields  # noqa: E402
 
 
 @dataclass
@@ -71,12 +70,11 @@ def markdown_table(rows):
 
 
 def train(cfg, rcfg=None, pcfg=None, scfg=None):
-    """Every width. rcfg, pcfg, scfg: reward.py's, ppo.py's and sft.py's configs (default: their presets in
-    cfg.out_dir); each width's SFT model is scfg with only n_embd and out_dir changed."""
-    device, argv = pick_device(cfg.device), [f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}"]
-    rcfg = rcfg or parse_config(reward.Config, argv, reward.PRESETS, reward.check, quiet=True)
-    pcfg = pcfg or parse_config(ppo.Config, argv, ppo.PRESETS, ppo.check, quiet=True)
-    scfg = scfg or parse_config(sft.Config, argv, sft.PRESETS, sft.check, quiet=True)
+    """Every width. rcfg, pcfg, scfg: reward.py's, ppo.py's and sft.py's configs (default: sft.stage_config, their
+    preset's on cfg.out_dir); each width's SFT model is scfg with only n_embd and out_dir changed."""
+    device = pick_device(cfg.device)
+    rcfg, pcfg = rcfg or sft.stage_config("reward", cfg), pcfg or sft.stage_config("ppo", cfg)
+    scfg = scfg or sft.stage_config("sft", cfg)
     sft_path, rm_path = sft.ensure_stage("sft", rcfg), sft.ensure_stage("reward", rcfg)
     policy = load_model(sft_path, device)
     pairs = reward.load_pairs(sft.ensure_stage("pairs", rcfg))

@@ -16,9 +16,10 @@ patterns collect test_*.py and *_test.py files only, and nothing here is named t
 
 On CPU it runs the small shape (the small preset's model) in fp32; on CUDA also GPT-2 small (124M) in bf16 with
 fused AdamW, and --compile wraps both training-step models in torch.compile. The GPT-2 small rows have never been
-measured by us (no GPU was lent while this was written): they are there for users with a GPU. Times are medians over --repeats runs after
---warmup runs, with torch.cuda.synchronize around each on CUDA. On a shared machine the numbers are noisy: compare
-ratios measured in one run, not absolute numbers across runs. On CPU it uses one thread by default (--threads).
+measured by us (no GPU was lent while this was written): they are there for users with a GPU. Times are medians
+over --repeats runs after --warmup runs, with torch.cuda.synchronize around each on CUDA. On a shared machine the
+numbers are noisy: compare ratios measured in one run, not absolute numbers across runs. On CPU it uses one thread
+by default (--threads).
 
 Run:  python tests/benchmark.py                   (CPU: about a minute)
       python tests/benchmark.py --compile=true    (CUDA)

@@ -85,7 +85,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
     bon = [{"n": 1, "gold_reward": -1.0, "rm_score": 0.0, "kl": 0.0},
            {"n": 2, "gold_reward": -0.8, "rm_score": 0.3, "kl": 0.193}]
     (tmp_path / "reward" / "metrics.json").write_text(json.dumps({"best_of_n": bon}))
-    sft.save_stage(str(tmp_path / "rejection"), policy, {}, step=0)  # the model rejection -> PPO starts from
+    sft.save_stage(str(tmp_path / "rejection"), policy, {}, step=0,  # the model rejection -> PPO starts from
+                   built_from=sft.record("rejection", cfg))
     (tmp_path / "rejection" / "metrics.json").write_text(json.dumps(
         {"gold_reward": -0.7, "kl": 0.4, "win_rate_vs_sft": 0.6, "config": {"rs_n": 8}}))
     ppo_cfg = ppo.Config(device="cpu", steps=2, batch_size=4, n_epochs=1, n_minibatches=2, max_new_tokens=8,
@@ -102,7 +103,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert rows["SFT", "-"]["kl"] == 0.0 and rows["best-of-N", "N=2"]["kl"] == 0.193
     runs = {"ppo_beta0.1/ppo": rows["PPO", "beta=0.1"], "ppo_beta1/ppo": rows["PPO", "beta=1"],
             "dpo_beta0.5/dpo": rows["DPO", "beta=0.5"], "ppo_overopt/ppo": results["overoptimization"],
-            "ppo_gold_beta1/ppo": rows["PPO on the gold human", "beta=1"], "ppo_grpo/ppo": rows["GRPO", "beta=0.3, G=4"],
+            "ppo_gold_beta1/ppo": rows["PPO on the gold human", "beta=1"],
+            "ppo_grpo/ppo": rows["GRPO", "beta=0.3, G=4"],
             "ppo_from_rejection/ppo": rows["rejection -> PPO", "beta=0.3"]}
     for run, r in runs.items():  # each run wrote its own folder, and its numbers are the row's
         saved = json.loads((tmp_path / "frontier" / run / "metrics.json").read_text())
