@@ -69,9 +69,9 @@ class Config:
     max_new_tokens: int = 120
     eval_prompts: int = 256
     """held-out prompts for the RM-gold correlation and the evaluations"""
-    bon_prompts: int = 32
-    """held-out prompts for the best-of-N curve"""
-    bon_max_n: int = 64
+    bon_prompts: int = 256
+    """held-out prompts for the best-of-N curve: the first of eval_prompts, which SFT, PPO and DPO are scored on"""
+    bon_max_n: int = 16
     """best-of-N for N = 1, 2, 4, ..., bon_max_n"""
     rs_prompts: int = 512
     """rejection sampling: training prompts, each answered by best-of-rs_n"""
@@ -91,6 +91,7 @@ def check(cfg):
     yield from positive(cfg, "n_prompts", "n_eval_pairs", "tau", "steps", "batch_size", "lr", "max_new_tokens",
                         "eval_prompts", "bon_prompts", "bon_max_n", "rs_prompts", "rs_n", "rs_steps")
     yield "k", cfg.k >= 2, ">= 2: a pair needs two samples"
+    yield "bon_max_n", cfg.bon_max_n >= 2, ">= 2: best-of-N compares the SFT sample with at least one more"
     yield from non_negative(cfg, "weight_decay")
     yield sft.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
     yield sft.enough_prompts(cfg, "rs_prompts", "train", cfg.seed + 4)
@@ -361,8 +362,11 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     rm = ScalarHeadModel.from_gpt(policy).to(device)
     history = train_reward_model(rm, pairs, cfg, device)
-    metrics = {**centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device),
-               "train_accuracy": history[-1]["accuracy"]}
+    metrics = centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device)
+    # accuracy on a fixed sample of the training pairs, next to the held-out one: under- or over-fitting
+    sample = random.Random(cfg.seed).sample(pairs, min(len(pairs), cfg.n_eval_pairs))
+    metrics["train_accuracy"] = pairwise_accuracy(rm, sample, device)
+    print(f"  accuracy on {len(sample)} training pairs {metrics['train_accuracy']:.3f}")
     metrics["best_of_n"] = best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device)
     sft.save_stage(os.path.join(cfg.out_dir, "reward"), rm, {**metrics, "config": asdict(cfg), "history": history},
                    step=cfg.steps, built_from=sft.record("reward", cfg))
@@ -383,11 +387,16 @@ def best_of_n(policy, rm, prompts, n, max_new_tokens, device):
 
 
 def best_of_n_curve(policy, rm, prompts, cfg, device):
-    """Mean gold reward of best-of-N for N = 1, 2, 4, ..., from one set of bon_max_n samples per prompt (the
-    first N of them), next to the analytic KL(best-of-N || policy) = log N - (N - 1) / N."""
-    torch.manual_seed(cfg.seed + 3)
+    """Mean gold reward of best-of-N for N = 1, 2, 4, ..., bon_max_n, next to the analytic
+    KL(best-of-N || policy) = log N - (N - 1) / N. Sample 1 of each prompt is the SFT model's evaluation sample
+    (sft.evaluate at seed cfg.seed, as ppo.py and dpo.py draw it), so best-of-1 is the SFT row itself; samples
+    2..bon_max_n are fresh, and best-of-N picks among the first N."""
     t0 = time.time()
-    _, groups, scores = best_of_n(policy, rm, prompts, cfg.bon_max_n, cfg.max_new_tokens, device)
+    _, first = sft.evaluate(policy, prompts, cfg.max_new_tokens, device, seed=cfg.seed)
+    torch.manual_seed(cfg.seed + 3)
+    _, rest, rest_scores = best_of_n(policy, rm, prompts, cfg.bon_max_n - 1, cfg.max_new_tokens, device)
+    groups = [[f] + g for f, g in zip(first, rest)]
+    scores = torch.cat([score_texts(rm, prompts, first, device)[:, None], rest_scores], 1)  # (P, bon_max_n)
     curve, n = [], 1
     while n <= cfg.bon_max_n:
         pick = scores[:, :n].argmax(1)  # (P,) best of the first n samples

@@ -316,12 +316,17 @@ def test_best_of_n_curve():
         assert math.isclose(c["kl"], kl, abs_tol=1e-6)
     rm_scores = [c["rm_score"] for c in curve]
     assert rm_scores == sorted(rm_scores)  # the best of more samples (the first n of the same ones) scores higher
-    # N = 1 is a plain sample; N = 4 is the RM's pick of all four
+    # N = 1 is the SFT model's evaluation sample itself (the point SFT sits at); N = 4 is the RM's pick of it and of
+    # three fresh samples
+    sft_eval, first = sft.evaluate(policy, prompts, 8, "cpu", seed=cfg.seed)
+    assert curve[0]["gold_reward"] == sft_eval["gold_reward"] and curve[0]["follow_rate"] == sft_eval["follow_rate"]
     torch.manual_seed(cfg.seed + 3)
-    _, groups, scores = reward.best_of_n(policy, rm, prompts, 4, 8, "cpu")
-    gold_1 = sum(data.gold_reward(p, g[0]) for p, g in zip(prompts, groups)) / 3
-    gold_4 = sum(data.gold_reward(p, g[int(s.argmax())]) for p, g, s in zip(prompts, groups, scores)) / 3
-    assert math.isclose(curve[0]["gold_reward"], gold_1) and math.isclose(curve[-1]["gold_reward"], gold_4)
+    _, rest, _ = reward.best_of_n(policy, rm, prompts, 3, 8, "cpu")
+    groups = [[f] + g for f, g in zip(first, rest)]
+    scores = [[float(x) for x in reward.score_texts(rm, [p] * 4, g, "cpu")] for p, g in zip(prompts, groups)]
+    best = [g[max(range(4), key=s.__getitem__)] for g, s in zip(groups, scores)]
+    gold_4 = sum(data.gold_reward(p, b) for p, b in zip(prompts, best)) / 3
+    assert math.isclose(curve[-1]["gold_reward"], gold_4)
 
 
 # ----------------------------------------------------------------------------- the stages, tiny

@@ -1,0 +1,172 @@
+"""
+One seed is one draw: the whole chain on several seeds, each seed with a chain of its own (pretraining, SFT, the
+preference pairs, the reward model and its best-of-N curve, rejection sampling, PPO on the reward model, PPO on the
+gold human, DPO), not several PPO seeds on one reward model. Floating-point sums differ between CPUs and thread
+counts and the chain amplifies them, so a result is reported as the mean and range over seeds, and a threshold is
+judged on the worst seed.
+
+Each seed's stages go to out/seeds/<preset>/seed<s>/, as `python ppo.py --seed=<s>` would lay them out there, and
+are reused when they exist and were built the same way (sft.check_reuse), so an interrupted run picks up where it
+stopped. After every seed, out/seeds/<preset>/results.json holds each seed's final numbers (no per-step histories):
+notebooks/results.py renders the README's table and notebooks/RESULTS.md from it.
+
+Run:  python notebooks/seeds.py [--seeds=1337,2,3] [--preset=small] [--threads=1]
+"""
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import torch  # noqa: E402
+
+import dpo  # noqa: E402
+import ppo  # noqa: E402
+import reward  # noqa: E402
+import sft  # noqa: E402
+from frontier import names, timed_run  # noqa: E402
+from model import atomic_write, one_line_errors, parse_config, pick_device, resolve_preset, run_fields  # noqa: E402
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/seeds"
+    """each preset's seeds go to <out_dir>/<preset>/seed<s>/, its results to <out_dir>/<preset>/results.json"""
+    preset: str = "auto"
+    """small, medium, or auto (medium on CUDA): the preset of every stage's Config"""
+    device: str = "auto"
+    """cpu, cuda, or auto"""
+    seeds: str = "1337,2,3"
+    """comma-separated seeds: each one the --seed of every stage of its chain"""
+    threads: int = 0
+    """torch threads (torch.set_num_threads); 0 keeps torch's default. The count changes the order of float sums,
+    and so each seed's numbers: results.json records it"""
+    rejection: bool = True
+    """also rejection sampling (reward.py --stage=rejection)"""
+    oracle: bool = True
+    """also PPO on the gold human itself (ppo.py --reward=gold): what a perfect reward model would buy"""
+
+
+PRESETS = {"small": {}, "medium": {}}  # the experiment's own fields are the same on both; the preset sizes each stage
+
+
+def check(cfg):
+    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
+    yield from run_fields(cfg)
+    yield "seeds", seed_list(cfg.seeds) is not None, "comma-separated integers, at least one"
+    yield "threads", cfg.threads >= 0, ">= 0"
+
+
+def seed_list(text):
+    try:
+        seeds = [int(s) for s in names(text)]
+    except ValueError:
+        return None
+    return seeds or None
+
+
+def machine():
+    """The machine in words: CPU model, cores, torch version and threads."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+FIELDS = ("gold_reward", "gold_reward_sft", "follow_rate", "follow_rate_sft", "kl", "win_rate_vs_sft")
+
+
+def summary(path, keys=FIELDS):
+    """The final numbers of one stage's metrics.json (no history, no config): {key: value}."""
+    with open(path) as f:
+        metrics = json.load(f)
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def run_seed(seed, cfg):
+    """Every stage of one seed's chain, built where missing; returns the seed's row of results.json."""
+    folder = os.path.join(cfg.out_dir, resolve_preset(cfg.preset), f"seed{seed}")
+    argv = [f"--preset={cfg.preset}", f"--device={cfg.device}", f"--out_dir={folder}", f"--seed={seed}"]
+    scfg, rcfg, pcfg, dcfg = (parse_config(m.Config, argv, m.PRESETS, m.check, quiet=True)
+                              for m in (sft, reward, ppo, dpo))
+    times_path = os.path.join(folder, "seconds.json")
+    seconds = json.load(open(times_path)) if os.path.exists(times_path) else {}
+
+    def timed(name, build):
+        t0 = time.time()
+        built = build()
+        if built:
+            seconds[name] = round(time.time() - t0, 1)
+            os.makedirs(folder, exist_ok=True)
+            with atomic_write(times_path) as f:
+                json.dump(seconds, f, indent=1)
+
+    def stage(name, stage_cfg):  # built now (True) or reused as sft.check_reuse allows (False)
+        def build():
+            existed = os.path.exists(sft.output_path(name, folder))
+            sft.ensure_stage(name, stage_cfg)
+            return not existed
+        return build
+
+    # 1. the shared stages of this seed: pretrain -> SFT -> pairs -> reward model (with its best-of-N curve)
+    timed("pretrain", stage("pretrain", replace(scfg, stage="pretrain")))
+    timed("sft", stage("sft", scfg))
+    timed("pairs", stage("pairs", rcfg))
+    timed("reward", stage("reward", rcfg))
+    if cfg.rejection:
+        timed("rejection", stage("rejection", replace(rcfg, stage="rejection")))
+    # 2. the methods that start from them, each scored against this seed's SFT model on the same held-out prompts
+    timed("ppo", lambda: timed_run(pcfg, "ppo", lambda: ppo.train(pcfg))[1] > 0)
+    timed("dpo", lambda: timed_run(dcfg, "dpo", lambda: dpo.train(dcfg))[1] > 0)
+    if cfg.oracle:
+        gold_cfg = replace(pcfg, reward="gold", out_dir=os.path.join(folder, "oracle"))
+        device = pick_device(cfg.device)
+        fit = lambda: ppo.train(gold_cfg, *ppo.start_models(replace(gold_cfg, out_dir=folder), device))  # noqa: E731
+        timed("oracle", lambda: timed_run(gold_cfg, "ppo", fit)[1] > 0)
+
+    # 3. the seed's row: each stage's final numbers
+    path = lambda *p: os.path.join(folder, *p, "metrics.json")  # noqa: E731
+    with open(path("reward")) as f:
+        rm = json.load(f)
+    row = {"seed": seed, "seconds": seconds,
+           "pretrain": summary(path("pretrain"), ("val_loss", "train_loss", "params")),
+           "sft": {**summary(path("sft"), ("gold_reward", "follow_rate", "template_eos_rate", "val_loss")),
+                   "pretrained_follow_rate": json.load(open(path("sft")))["pretrained"]["follow_rate"]},
+           "reward": {k: rm[k] for k in ("heldout_accuracy", "heldout_accuracy_expected", "label_ceiling",
+                                         "label_ceiling_expected", "train_accuracy", "rm_gold_correlation",
+                                         "prompt_swap", "heldout_by_term")},
+           "best_of_n": rm["best_of_n"],
+           "ppo": summary(path("ppo")), "dpo": summary(path("dpo"))}
+    if cfg.rejection:
+        row["rejection"] = summary(path("rejection"))
+    if cfg.oracle:
+        row["oracle"] = summary(path("oracle", "ppo"))
+    return row
+
+
+def train(cfg):
+    """Every seed in turn; results.json is rewritten after each. Returns the results dict."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    results = {"preset": resolve_preset(cfg.preset), "machine": machine(), "seeds": []}
+    out = os.path.join(cfg.out_dir, resolve_preset(cfg.preset), "results.json")
+    for seed in seed_list(cfg.seeds):
+        results["seeds"].append(run_seed(seed, cfg))
+        with atomic_write(out) as f:
+            json.dump(results, f, indent=1)
+        print(f"== seed {seed} done: {out}")
+    return results
+
+
+def main():
+    cfg = parse_config(Config, presets=PRESETS, check=check)
+    with one_line_errors():
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main()

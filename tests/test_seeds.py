@@ -1,0 +1,61 @@
+"""notebooks/seeds.py, tiny, end to end: every seed gets a chain of its own (its own pretraining, reward model and
+methods), each stage is built with that seed, a second run reuses what the first built, and results.json holds one
+row per seed with every method's numbers."""
+import json
+import os
+import sys
+
+import pytest
+
+import dpo
+import ppo
+import reward
+import sft
+from model import load_checkpoint
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks"))
+import seeds  # noqa: E402
+
+TINY = {sft: dict(n_layer=1, n_head=2, n_embd=32, block_size=128, n_docs=100, n_demos=50, pretrain_steps=3,
+                  sft_steps=3, batch_size=4, eval_prompts=4, max_new_tokens=16),
+        reward: dict(n_prompts=6, k=2, n_eval_pairs=6, steps=3, batch_size=4, eval_prompts=4, bon_prompts=4,
+                     bon_max_n=4, max_new_tokens=16, rs_prompts=4, rs_n=2, rs_steps=2),
+        ppo: dict(steps=2, batch_size=4, n_epochs=1, n_minibatches=2, max_new_tokens=8, n_prompts=16, eval_prompts=4,
+                  sample_every=0),
+        dpo: dict(steps=2, batch_size=4, eval_every=1, eval_prompts=4, max_new_tokens=8)}
+
+
+@pytest.fixture
+def tiny_presets(monkeypatch):
+    for module, overrides in TINY.items():
+        monkeypatch.setitem(module.PRESETS, "small", overrides)
+
+
+def test_each_seed_has_a_chain_of_its_own(tiny_presets, tmp_path, capsys):
+    cfg = seeds.Config(out_dir=str(tmp_path), preset="small", device="cpu", seeds="5,6")
+    results = seeds.train(cfg)
+    assert [r["seed"] for r in results["seeds"]] == [5, 6] and results["preset"] == "small"
+    for seed in (5, 6):
+        folder = tmp_path / "small" / f"seed{seed}"
+        for stage in ("pretrain", "sft", "reward", "rejection", "ppo", "dpo"):  # built with this seed
+            settings = load_checkpoint(str(folder / stage / "model.pt"))["built_from"]["settings"]
+            assert settings.get("seed", seed) == seed, stage
+        assert json.load(open(folder / "oracle" / "ppo" / "metrics.json"))["config"]["reward"] == "gold"
+    a, b = (load_checkpoint(str(tmp_path / "small" / f"seed{s}" / "pretrain" / "model.pt"))["model"] for s in (5, 6))
+    assert any((a[k] != b[k]).any() for k in a)  # two seeds, two pretrained models
+    row = results["seeds"][0]
+    for method in ("ppo", "dpo", "rejection", "oracle"):
+        assert set(seeds.FIELDS) <= set(row[method]), method
+    assert row["best_of_n"][0]["n"] == 1 and row["best_of_n"][0]["kl"] == 0
+    assert set(row["seconds"]) == {"pretrain", "sft", "pairs", "reward", "rejection", "ppo", "dpo", "oracle"}
+    assert json.load(open(tmp_path / "small" / "results.json")) == results
+    capsys.readouterr()
+    again = seeds.train(cfg)  # everything is there: nothing is trained again, the same numbers come back
+    assert "pretraining" not in capsys.readouterr().out
+    assert again["seeds"] == results["seeds"]
+
+
+def test_bad_seeds_flag_is_one_line():
+    with pytest.raises(SystemExit) as e:
+        seeds.parse_config(seeds.Config, ["--seeds=1,x"], seeds.PRESETS, seeds.check)
+    assert "--seeds" in str(e.value) or e.value.code != 0
