@@ -400,11 +400,13 @@ def best_of_n_curve(policy, rm, prompts, cfg, device):
     curve, n = [], 1
     while n <= cfg.bon_max_n:
         pick = scores[:, :n].argmax(1)  # (P,) best of the first n samples
-        gold = [data.gold_reward(p, g[int(j)]) for p, g, j in zip(prompts, groups, pick)]
+        best = [g[int(j)] for g, j in zip(groups, pick)]
+        gold = [data.gold_reward(p, b) for p, b in zip(prompts, best)]
         rm_best = float(scores[:, :n].max(1).values.mean())
-        follow = [data.follows(p, g[int(j)]) for p, g, j in zip(prompts, groups, pick)]
+        follow = [data.follows(p, b) for p, b in zip(prompts, best)]
         curve.append({"n": n, "gold_reward": sum(gold) / len(gold), "follow_rate": sum(follow) / len(follow),
-                      "rm_score": rm_best, "kl": math.log(n) - (n - 1) / n})
+                      "rm_score": rm_best, "kl": math.log(n) - (n - 1) / n,
+                      "win_rate_vs_sft": sft.win_rate(prompts, best, first)})
         print(f"best-of-{n:<3d} | gold {curve[-1]['gold_reward']:+.3f} | follow {curve[-1]['follow_rate']:.3f} | "
               f"rm {rm_best:+.3f} | kl {curve[-1]['kl']:.3f}")
         n *= 2

@@ -327,6 +327,8 @@ def test_best_of_n_curve():
     best = [g[max(range(4), key=s.__getitem__)] for g, s in zip(groups, scores)]
     gold_4 = sum(data.gold_reward(p, b) for p, b in zip(prompts, best)) / 3
     assert math.isclose(curve[-1]["gold_reward"], gold_4)
+    assert curve[0]["win_rate_vs_sft"] == 0.5  # best-of-1 is the SFT sample: every prompt a tie
+    assert curve[-1]["win_rate_vs_sft"] == sft.win_rate(prompts, best, first)
 
 
 # ----------------------------------------------------------------------------- the stages, tiny
