@@ -23,6 +23,7 @@ import zlib
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 import data
 from model import (FUSED, GPT, CheckpointError, GPTConfig, atomic_write, autocast, check_finite, deferred_interrupt,
@@ -336,6 +337,13 @@ def sft_batch(examples, batch_size, rng, device):
     return to_device(ids, device), to_device(labels, device)
 
 
+def sft_loss(logits, labels):
+    """The SFT loss of a batch: logits (B, T, V) and labels (B, T), where labels[b, t] is the token after position t
+    and -1 on the prompt and on padding (data.example_tensors), so only response tokens count."""
+    # L = -1/|y| sum_t log pi(y_t | x, y_<t): a mean over the response tokens of the batch, prompt labels -1 ignored
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-1)
+
+
 def finetune(model, examples, steps, lr, cfg, device, tag="sft"):
     """Response-only cross-entropy on (ids, labels) examples at peak learning rate lr (cfg gives batch_size,
     weight_decay and seed); returns the per-step history."""
@@ -347,7 +355,8 @@ def finetune(model, examples, steps, lr, cfg, device, tag="sft"):
         model.train()
         ids, labels = sft_batch(examples, cfg.batch_size, rng, device)
         with autocast(device):
-            _, loss = model(ids, labels)  # mean over response tokens only: prompt labels are -1
+            logits, _ = model(ids)  # (B, T, V)
+            loss = sft_loss(logits, labels)
         check_finite(step, **{f"{tag}_loss": loss})
         optimizer_step(model, optimizer, loss, lr_at(step, steps, lr, warmup=10))
         history.append({"step": step, "loss": loss.item()})
@@ -363,7 +372,7 @@ def sft_val_loss(model, examples, device, batch_size=64):
         ids = data.pad_right([e[0] for e in examples[i:i + batch_size]], data.special(data.PAD)).to(device)
         labels = data.pad_right([e[1] for e in examples[i:i + batch_size]], -1).to(device)
         with autocast(device):
-            losses.append(model(ids, labels)[1].item())
+            losses.append(sft_loss(model(ids)[0], labels).item())
     return sum(losses) / len(losses)
 
 

@@ -215,3 +215,15 @@ def test_cli_rejects_unknown_flag():
                             stdin=subprocess.DEVNULL, timeout=120)
     assert result.returncode != 0
     assert "unknown flag --bogus" in result.stderr and "--stage" in result.stderr and "--n_layer" in result.stderr
+
+
+def test_sft_loss_is_the_mean_over_response_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)  # (B, T, V)
+    labels = torch.tensor([[-1, -1, 3, 4, -1], [-1, 2, 6, -1, -1]])  # -1: prompt and padding
+    naive = [-torch.log_softmax(logits[b, t], -1)[labels[b, t]] for b in range(2) for t in range(5)
+             if labels[b, t] != -1]  # one term per response token, 4 in all
+    assert torch.allclose(sft.sft_loss(logits, labels), torch.stack(naive).mean())
+    logits2 = logits.clone()
+    logits2[0, 0] += 5.0  # a prompt position: its logits change nothing
+    assert torch.equal(sft.sft_loss(logits2, labels), sft.sft_loss(logits, labels))

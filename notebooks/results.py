@@ -1,0 +1,284 @@
+"""
+Every number the README shows, rendered from the runs, never typed. notebooks/seeds.py leaves one results.json per
+preset (out/seeds/<preset>/results.json: each seed's final numbers of every stage); this script
+
+  --update   copies them into notebooks/figures/seeds.json, the record shipped with the code (small: no histories)
+  (always)   renders from that record: the results table between the README's `results` markers, the full record
+             notebooks/RESULTS.md (every seed, every stage, the timings and the checks judged on the worst seed) and
+             the figure notebooks/figures/results.png (gold reward against KL, mean and range over seeds)
+
+tests/test_results.py fails when the README's table or RESULTS.md differ from what this script renders from the
+shipped record, so the front page cannot drift from the runs.
+
+Run:  python notebooks/seeds.py && python notebooks/results.py --update
+"""
+import glob
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RECORD = os.path.join(HERE, "figures", "seeds.json")
+README = os.path.join(ROOT, "README.md")
+PAGE = os.path.join(HERE, "RESULTS.md")
+FIGURE = os.path.join(HERE, "figures", "results.png")
+BEGIN, END = "<!-- results: rendered by notebooks/results.py -->", "<!-- /results -->"
+BON_N = 16  # the best-of-N row of the table
+
+# (key of a seed's row, the method's name in the table)
+METHODS = [("sft", "SFT"), ("best_of_n", f"best-of-{BON_N}"), ("rejection", "rejection sampling (best-of-8 as SFT data)"),
+           ("ppo", "PPO, beta=0.3"), ("dpo", "DPO, beta=0.3"), ("oracle", "PPO on the gold human (oracle)")]
+
+
+def method_numbers(seed_row, key):
+    """{gold_reward, follow_rate, kl, win_rate_vs_sft} of one method on one seed, None when it was not run. SFT is
+    scored as PPO scores it: on the 256 held-out prompts, the samples best-of-N starts from."""
+    if key == "sft":
+        p = seed_row["ppo"]
+        return dict(gold_reward=p["gold_reward_sft"], follow_rate=p["follow_rate_sft"], kl=0.0, win_rate_vs_sft=0.5)
+    if key == "best_of_n":
+        return next((b for b in seed_row["best_of_n"] if b["n"] == BON_N), None)
+    return seed_row.get(key)
+
+
+def spread(values):
+    """(mean, min, max) of a list of numbers."""
+    return sum(values) / len(values), min(values), max(values)
+
+
+def number(x, spec):
+    """x formatted with spec, with no "-0.00" (a KL of -0.001 is 0 at this precision)."""
+    text = format(x, spec)
+    return text.replace("-", "") if float(text) == 0 else text
+
+
+def cell(values, spec):
+    """'mean (min to max)' of values, formatted with spec; one value alone, or '-' for none."""
+    if not values:
+        return "-"
+    mean, lo, hi = spread(values)
+    return number(mean, spec) if len(values) == 1 else f"{number(mean, spec)} ({number(lo, spec)} to {number(hi, spec)})"
+
+
+METRICS = [("gold_reward", "+.2f", "gold reward"), ("follow_rate", ".2f", "follow rate"), ("kl", ".2f", "KL (nats)"),
+           ("win_rate_vs_sft", ".2f", "win rate vs SFT")]
+
+
+def column(record, preset, key, metric):
+    rows = record.get(preset, {}).get("seeds", [])
+    numbers = [method_numbers(r, key) for r in rows]
+    return [n[metric] for n in numbers if n is not None and n.get(metric) is not None]
+
+
+def readme_table(record):
+    """The README's table: each method on the small preset (mean and range over its seeds) and on the medium one."""
+    small, medium = (len(record.get(p, {}).get("seeds", [])) for p in ("small", "medium"))
+    head = [f"{name}, small" for _, _, name in METRICS] + ["gold, medium", "follow, medium", "win, medium"]
+    lines = [f"| method | {' | '.join(head)} |", "| --- |" + " ---: |" * len(head)]
+    for key, name in METHODS:
+        cells = [cell(column(record, "small", key, m), spec) for m, spec, _ in METRICS]
+        cells += [cell(column(record, "medium", key, m), spec) for m, spec, _ in METRICS if m != "kl"]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    seeds = ", ".join(str(r["seed"]) for r in record["small"]["seeds"])
+    medium_seeds = ", ".join(str(r["seed"]) for r in record.get("medium", {}).get("seeds", [])) or "none"
+    lines.append("")
+    lines.append(f"small: mean (worst to best) over {small} seeds ({seeds}), each seed a chain of its own; medium: "
+                 f"{medium} seed{'s' if medium != 1 else ''} ({medium_seeds}). Measured on {record['small']['machine']}.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the full record
+
+def per_seed_table(rows, columns):
+    """A markdown table, one line per seed and a mean/min/max footer. columns: (header, function of a row, spec)."""
+    lines = [f"| seed | {' | '.join(h for h, _, _ in columns)} |", "| ---: |" + " ---: |" * len(columns)]
+    values = [[f(r) for _, f, _ in columns] for r in rows]
+    for r, v in zip(rows, values):
+        lines.append(f"| {r['seed']} | {' | '.join('-' if x is None else number(x, s) for x, (_, _, s) in zip(v, columns))} |")
+    for name, agg in (("mean", lambda xs: sum(xs) / len(xs)), ("min", min), ("max", max)):
+        cells = []
+        for i, (_, _, s) in enumerate(columns):
+            xs = [v[i] for v in values if v[i] is not None]
+            cells.append(number(agg(xs), s) if xs else "-")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def gap(r):
+    return 100 * (r["reward"]["label_ceiling_expected"] - r["reward"]["heldout_accuracy_expected"])
+
+
+def drop_share(r):
+    swap = r["reward"]["prompt_swap"]
+    return swap["drop"] / swap["gold_drop"] if swap["gold_drop"] else None
+
+
+# issue-style checks of the InstructGPT claim, each judged on the worst seed: (what, function of a row, >= or <=, bound)
+CHECKS = [
+    ("SFT follow rate", lambda r: r["ppo"]["follow_rate_sft"], ">=", 0.60),
+    ("reward model: prompt-swap drop / the gold human's", drop_share, ">=", 0.60),
+    ("reward model: points under the labels' ceiling", gap, "<=", 8.0),
+    ("PPO: follow rate over SFT (points)", lambda r: 100 * (r["ppo"]["follow_rate"] - r["ppo"]["follow_rate_sft"]),
+     ">=", 15.0),
+    ("PPO: win rate vs SFT", lambda r: r["ppo"]["win_rate_vs_sft"], ">=", 0.78),
+    ("PPO: KL (nats)", lambda r: r["ppo"]["kl"], "<=", 3.0),
+    ("DPO: follow rate over SFT (points)", lambda r: 100 * (r["dpo"]["follow_rate"] - r["dpo"]["follow_rate_sft"]),
+     ">=", 15.0),
+    ("DPO: win rate vs SFT", lambda r: r["dpo"]["win_rate_vs_sft"], ">=", 0.78),
+    ("DPO: KL (nats)", lambda r: r["dpo"]["kl"], "<=", 3.0),
+]
+
+
+def checks_table(rows):
+    lines = ["| check | bound | worst seed | mean | holds on every seed |", "| --- | ---: | ---: | ---: | --- |"]
+    for what, f, op, bound in CHECKS:
+        xs = [x for x in map(f, rows) if x is not None]
+        if not xs:
+            continue
+        worst = min(xs) if op == ">=" else max(xs)
+        ok = worst >= bound if op == ">=" else worst <= bound
+        lines.append(f"| {what} | {op} {bound:g} | {worst:.3g} | {sum(xs) / len(xs):.3g} | {'yes' if ok else 'no'} |")
+    win = [r["ppo"]["win_rate_vs_sft"] for r in rows]
+    lines.append(f"| PPO: win-rate spread over the seeds (max - min) | <= 0.08 | {max(win) - min(win):.3g} | | "
+                 f"{'yes' if max(win) - min(win) <= 0.08 else 'no'} |")
+    return "\n".join(lines)
+
+
+def method_columns(key):
+    get = lambda m: (lambda r: (r.get(key) or {}).get(m))  # noqa: E731
+    return [("gold", get("gold_reward"), "+.3f"), ("gold of SFT", get("gold_reward_sft"), "+.3f"),
+            ("follow", get("follow_rate"), ".3f"), ("follow of SFT", get("follow_rate_sft"), ".3f"),
+            ("KL (nats)", get("kl"), ".3f"), ("win rate vs SFT", get("win_rate_vs_sft"), ".3f")]
+
+
+def results_page(record):
+    """notebooks/RESULTS.md: the full record behind the README's table."""
+    out = ["# Results, rendered from the runs", "",
+           "Rendered by `python notebooks/results.py` from `notebooks/figures/seeds.json`, which "
+           "`python notebooks/seeds.py` writes (each seed a whole chain of its own: pretraining, SFT, pairs, reward "
+           "model, best-of-N, rejection sampling, PPO, PPO on the gold human, DPO). Do not edit by hand: "
+           "`tests/test_results.py` fails when this page differs from what the script renders.", ""]
+    for preset in ("small", "medium"):
+        if preset not in record:
+            continue
+        rows = record[preset]["seeds"]
+        out += [f"## The `{preset}` preset: {len(rows)} seed{'s' if len(rows) != 1 else ''}", "",
+                f"Machine: {record[preset]['machine']}.", ""]
+        out += ["### Stages 1-2: pretraining and SFT", "", per_seed_table(rows, [
+            ("pretraining val loss (nats/token)", lambda r: r["pretrain"]["val_loss"], ".4f"),
+            ("pretrained follow rate (128 prompts)", lambda r: r["sft"]["pretrained_follow_rate"], ".3f"),
+            ("SFT follow rate (128 prompts)", lambda r: r["sft"]["follow_rate"], ".3f"),
+            ("SFT gold (128 prompts)", lambda r: r["sft"]["gold_reward"], "+.3f"),
+            ("SFT follow rate (256 prompts)", lambda r: r["ppo"]["follow_rate_sft"], ".3f")]), ""]
+        out += ["### Stage 3a: the reward model", "",
+                "Expected accuracies average over the labeller's coin (`reward.expected_accuracy`); the gap is the "
+                "labels' ceiling minus the reward model, in points; the prompt-swap drop is how much the reward "
+                "model's agreement with gold falls when a pair is scored under another request, next to the gold "
+                "human's own drop (`reward.prompt_swap`).", "", per_seed_table(rows, [
+                    ("expected accuracy", lambda r: r["reward"]["heldout_accuracy_expected"], ".3f"),
+                    ("ceiling", lambda r: r["reward"]["label_ceiling_expected"], ".3f"),
+                    ("gap (points)", gap, ".1f"),
+                    ("accuracy on 512 training pairs", lambda r: r["reward"]["train_accuracy"], ".3f"),
+                    ("held-out accuracy", lambda r: r["reward"]["heldout_accuracy"], ".3f"),
+                    ("prompt-swap drop", lambda r: r["reward"]["prompt_swap"]["drop"], ".3f"),
+                    ("gold human's drop", lambda r: r["reward"]["prompt_swap"]["gold_drop"], ".3f"),
+                    ("drop / gold's", drop_share, ".2f")]), ""]
+        ns = [b["n"] for b in rows[0]["best_of_n"]]
+        out += ["### Best-of-N on the held-out prompts (sample 1 is the SFT sample)", "",
+                "| N | KL bound (nats) | gold | follow | win rate vs SFT |", "| ---: | ---: | ---: | ---: | ---: |"]
+        for i, n in enumerate(ns):
+            pts = [r["best_of_n"][i] for r in rows]
+            out.append(f"| {n} | {pts[0]['kl']:.3f} | {cell([p['gold_reward'] for p in pts], '+.3f')} | "
+                       f"{cell([p['follow_rate'] for p in pts], '.3f')} | "
+                       f"{cell([p.get('win_rate_vs_sft') for p in pts if p.get('win_rate_vs_sft') is not None], '.3f')} |")
+        out.append("")
+        for key, name in METHODS[2:]:
+            if any(r.get(key) for r in rows):
+                out += [f"### {name}", "", per_seed_table(rows, method_columns(key)), ""]
+        stages = list(dict.fromkeys(s for r in rows for s in r["seconds"]))
+        out += ["### Time per stage (seconds, on the machine above)", "",
+                per_seed_table(rows, [(s, (lambda s: lambda r: r["seconds"].get(s))(s), ".0f") for s in stages]), ""]
+        out += ["### The InstructGPT claim, judged on the worst seed", "", checks_table(rows), ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- the figure
+
+def plot_results(record, ax, preset="small"):
+    """Gold reward against KL(pi || pi_sft) on a matplotlib Axes: each method's mean over seeds with its range as
+    error bars, best-of-N as a curve through N = 1, 2, 4, ... (its KL the analytic bound), each point labelled."""
+    rows = record[preset]["seeds"]
+    ns = [b["n"] for b in rows[0]["best_of_n"]]
+    bon = [spread([r["best_of_n"][i][k] for r in rows]) for i in range(len(ns)) for k in ("kl", "gold_reward")]
+    kls, golds = [m for m, _, _ in bon[0::2]], [m for m, _, _ in bon[1::2]]
+    ax.plot(kls, golds, marker=".", color="grey", label="best-of-N (RM picks)")
+    for n, k, g in zip(ns, kls, golds):
+        ax.annotate(f"N={n}", (k, g), textcoords="offset points", xytext=(3, -10), fontsize=8, color="grey")
+    for key, name in METHODS:
+        if key == "best_of_n" or not column(record, preset, key, "kl"):
+            continue
+        (k, klo, khi), (g, glo, ghi) = (spread(column(record, preset, key, m)) for m in ("kl", "gold_reward"))
+        ax.errorbar([k], [g], xerr=[[k - klo], [khi - k]], yerr=[[g - glo], [ghi - g]], fmt="o", capsize=3,
+                    label=name)
+    ax.set(xlabel="KL(pi || pi_sft) on its own samples (nats)", ylabel="gold reward, 256 held-out prompts",
+           title=f"What each method buys per nat ({preset} preset, {len(rows)} seeds: mean and range)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def write_figure(record, path=FIGURE):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    plot_results(record, ax)
+    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+# ----------------------------------------------------------------------------- main
+
+def with_table(readme, table):
+    """README text with the rendered table between its markers (a ValueError when the markers are missing)."""
+    if BEGIN not in readme or END not in readme:
+        raise ValueError(f"{README}: no {BEGIN} ... {END} markers to put the table between")
+    head, rest = readme.split(BEGIN, 1)
+    return f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}"
+
+
+def collect(out_dir):
+    """{preset: results} from out_dir/seeds/<preset>/results.json."""
+    record = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "seeds", "*", "results.json"))):
+        with open(path) as f:
+            results = json.load(f)
+        record[results["preset"]] = results
+    return record
+
+
+def main():
+    args = sys.argv[1:]
+    if args not in ([], ["--update"]):
+        sys.exit("usage: python notebooks/results.py [--update]   (--update: copy out/seeds/*/results.json first)")
+    if args:
+        record = collect(os.path.join(ROOT, "out"))
+        if "small" not in record:
+            sys.exit("error: no out/seeds/small/results.json; run python notebooks/seeds.py first")
+        with open(RECORD, "w") as f:
+            json.dump(record, f, indent=1)
+    with open(RECORD) as f:
+        record = json.load(f)
+    with open(README) as f:
+        readme = f.read()
+    with open(README, "w") as f:
+        f.write(with_table(readme, readme_table(record)))
+    with open(PAGE, "w") as f:
+        f.write(results_page(record))
+    write_figure(record)
+    print(f"rendered {README}, {PAGE} and {FIGURE} from {RECORD}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""notebooks/results.py: the README's table and notebooks/RESULTS.md are what the script renders from the shipped
+record of the runs (so a typed or stale number fails here), and the rendering itself against hand-worked cases:
+a cell's mean and range, the worst seed of a check, SFT scored as PPO scores it."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "notebooks"))
+import results  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def record():
+    with open(results.RECORD) as f:
+        return json.load(f)
+
+
+def test_readme_table_is_rendered_from_the_shipped_record(record):
+    with open(results.README) as f:
+        readme = f.read()
+    assert results.with_table(readme, results.readme_table(record)) == readme, \
+        "README.md's results table differs from the shipped runs: run python notebooks/results.py"
+
+
+def test_results_page_is_rendered_from_the_shipped_record(record):
+    with open(results.PAGE) as f:
+        assert f.read() == results.results_page(record), "run python notebooks/results.py"
+
+
+def test_the_record_has_three_seeds_of_every_method(record):
+    rows = record["small"]["seeds"]
+    assert len(rows) >= 3 and len({r["seed"] for r in rows}) == len(rows)
+    for key, _ in results.METHODS:
+        assert all(results.method_numbers(r, key) is not None for r in rows), key
+
+
+def test_cell_is_the_mean_and_range():
+    assert results.cell([0.5, 0.7, 0.6], ".2f") == "0.60 (0.50 to 0.70)"
+    assert results.cell([1.25], "+.1f") == "+1.2" or results.cell([1.25], "+.1f") == "+1.3"
+    assert results.cell([], ".2f") == "-"
+    assert results.number(-0.001, ".2f") == "0.00"  # no "-0.00"
+
+
+def fake_row(seed, ppo_win, sft_follow=0.7, ppo_follow=0.9):
+    method = dict(gold_reward=1.0, gold_reward_sft=0.5, follow_rate=ppo_follow, follow_rate_sft=sft_follow, kl=2.0,
+                  win_rate_vs_sft=ppo_win)
+    return {"seed": seed, "ppo": method, "dpo": dict(method, win_rate_vs_sft=0.8),
+            "reward": {"label_ceiling_expected": 0.88, "heldout_accuracy_expected": 0.85,
+                       "prompt_swap": {"drop": 0.14, "gold_drop": 0.2}},
+            "best_of_n": [{"n": 1, "gold_reward": 0.5, "follow_rate": 0.7, "kl": 0.0, "win_rate_vs_sft": 0.5}]}
+
+
+def test_checks_are_judged_on_the_worst_seed():
+    table = results.checks_table([fake_row(1, 0.9), fake_row(2, 0.75), fake_row(3, 0.85)])
+    win = next(line for line in table.splitlines() if line.startswith("| PPO: win rate"))
+    assert "| 0.75 |" in win and win.endswith("| no |")  # the mean (0.83) passes, the worst seed does not
+    gap = next(line for line in table.splitlines() if "ceiling" in line)
+    assert "| 3 |" in gap and gap.endswith("| yes |")  # 88 - 85 points
+    spread = table.splitlines()[-1]
+    assert "| 0.15 |" in spread and spread.endswith("| no |")
+
+
+def test_sft_is_scored_as_ppo_scores_it():
+    row = fake_row(1, 0.9)
+    assert results.method_numbers(row, "sft") == dict(gold_reward=0.5, follow_rate=0.7, kl=0.0, win_rate_vs_sft=0.5)
+    assert results.method_numbers(row, "best_of_n") is None  # no N = 16 on this row: a "-" cell, not a made-up one
+
+
+def test_missing_markers_are_one_clear_error():
+    with pytest.raises(ValueError, match="markers"):
+        results.with_table("# a README without them\n", "| table |")
