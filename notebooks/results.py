@@ -71,20 +71,36 @@ def column(record, preset, key, metric):
     return [n[metric] for n in numbers if n is not None and n.get(metric) is not None]
 
 
+def minutes(rows, stages):
+    """Mean minutes over the seeds of the named stages' seconds, summed."""
+    return sum(sum(r["seconds"].get(s, 0) for s in stages) for r in rows) / len(rows) / 60
+
+
+CHAIN = ("pretrain", "sft", "pairs", "reward", "ppo")  # what `python ppo.py` builds from nothing
+
+
 def readme_table(record):
-    """The README's table: each method on the small preset (mean and range over its seeds) and on the medium one."""
-    small, medium = (len(record.get(p, {}).get("seeds", [])) for p in ("small", "medium"))
-    head = [f"{name}, small" for _, _, name in METRICS] + ["gold, medium", "follow, medium", "win, medium"]
+    """The README's table: each method on the small preset (mean and range over its seeds), the medium preset's
+    columns beside them when the record has it, and a line on the seeds, the machine and the time."""
+    presets = [p for p in ("small", "medium") if record.get(p, {}).get("seeds")]
+    head = [f"{name}{', ' + p if len(presets) > 1 else ''}" for p in presets for _, _, name in METRICS]
     lines = [f"| method | {' | '.join(head)} |", "| --- |" + " ---: |" * len(head)]
     for key, name in METHODS:
-        cells = [cell(column(record, "small", key, m), spec) for m, spec, _ in METRICS]
-        cells += [cell(column(record, "medium", key, m), spec) for m, spec, _ in METRICS if m != "kl"]
+        cells = [cell(column(record, p, key, m), spec) for p in presets for m, spec, _ in METRICS]
         lines.append(f"| {name} | {' | '.join(cells)} |")
-    seeds = ", ".join(str(r["seed"]) for r in record["small"]["seeds"])
-    medium_seeds = ", ".join(str(r["seed"]) for r in record.get("medium", {}).get("seeds", [])) or "none"
     lines.append("")
-    lines.append(f"small: mean (worst to best) over {small} seeds ({seeds}), each seed a chain of its own; medium: "
-                 f"{medium} seed{'s' if medium != 1 else ''} ({medium_seeds}). Measured on {record['small']['machine']}.")
+    for p in ("small", "medium"):
+        rows = record.get(p, {}).get("seeds", [])
+        if not rows:
+            lines.append(f"The {p} preset has no seed in this record yet: `python notebooks/seeds.py --preset={p}` "
+                         f"adds its columns.")
+            continue
+        lines.append(f"{p}: {'mean (worst to best) over ' if len(rows) > 1 else ''}{len(rows)} "
+                     f"seed{'s' * (len(rows) != 1)} ({', '.join(str(r['seed']) for r in rows)}), each a chain of "
+                     f"its own, on {record[p]['machine']}; the chain `python ppo.py` builds took "
+                     f"{minutes(rows, CHAIN):.1f} minutes a seed, DPO {minutes(rows, ['dpo']):.1f} and rejection "
+                     f"sampling {minutes(rows, ['rejection']):.1f} (runs shared the CPU, so a quiet machine with all "
+                     f"its cores is faster).")
     return "\n".join(lines)
 
 
