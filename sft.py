@@ -6,8 +6,13 @@ Stage 1, self-supervised pretraining, and stage 2, supervised fine-tuning (SFT).
   SFT                   L = -1/|y| sum_t log pi(y_t | x, y_<t), prompt tokens x masked out  (Ouyang et al. 2022)
 
 The masked-LM run uses the same blocks with bidirectional attention and is only for comparison: SFT starts from
-the causal-LM checkpoint. Also here, shared by every later stage: sampling responses to prompts, and the
-evaluation against the gold human (mean gold reward, KL to a reference, win rate).
+the causal-LM checkpoint. The causal-LM loss is GPT.forward's cross-entropy (model.py); the SFT loss is sft_loss,
+over the labels data.example_tensors masks (-1 on the prompt).
+
+Below the two stages, under one banner, what every later stage shares: the optimiser (AdamW, warm-up and cosine
+decay), the evaluation every stage reports (sample on the held-out prompts, score with the gold human: mean gold
+reward, follow rate, KL to the SFT model, win rate), and the chain of stages (sft.CHAIN: what each stage is built
+from, and when an existing output may be reused).
 
 Run:  python sft.py --stage=pretrain [--objective=mlm] [--corpus=my.txt]
       python sft.py [--data=my_demos.jsonl]        (builds out/pretrain first if it is missing)
@@ -105,32 +110,133 @@ def check(cfg):
         yield max_new_tokens_fit(cfg, cfg.block_size, f"--block_size={cfg.block_size}")
 
 
-# ----------------------------------------------------------------------------- checks the later stages share
+# ----------------------------------------------------------------------------- stage 1: pretraining
 
-def enough_prompts(cfg, field, split, seed):
-    """A check row: data.tasks can draw the field's number of distinct prompts of split (it says how many there are
-    when it cannot)."""
-    try:
-        data.tasks(split, getattr(cfg, field), seed)
-        return field, True, ""
-    except ValueError as e:
-        return field, False, f"at most what the world has ({e})"
+def pretrain(cfg):
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    mlm = cfg.objective == "mlm"
+    docs = data.load_corpus(cfg.corpus) if cfg.corpus else data.pretrain_corpus(cfg.n_docs, seed=cfg.seed)
+    eot = data.special(data.EOT)
+    stream = torch.tensor([t for d in docs for t in data.encode(d) + [eot]])  # the corpus as one token stream
+    n_val = max(len(stream) // 20, cfg.block_size + 2)
+    train_stream, val_stream = stream[:-n_val], stream[-n_val:]
+    if len(train_stream) <= cfg.block_size:  # lm_batch draws windows of block_size + 1 tokens
+        raise ValueError(f"a corpus of {len(stream)} tokens is too short for --block_size={cfg.block_size}; "
+                         f"raise --n_docs or pass a longer --corpus")
+    # the exact vocabulary: padding it to a multiple of 64 would leave ids no token decodes to, yet sampling can draw
+    model = GPT(GPTConfig(data.tokenizer().n_vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout,
+                          causal=not mlm)).to(device)
+    print(f"pretraining ({cfg.objective}) {model.num_params() / 1e6:.2f}M parameters on {len(train_stream)} tokens")
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    forward = torch.compile(model) if cfg.compile else model  # same weights; checkpoints save the plain model
+    rng = torch.Generator().manual_seed(cfg.seed)
+
+    def batch(stream_):
+        x, y = data.lm_batch(stream_, cfg.block_size, cfg.pretrain_batch_size, rng)  # (B, T), (B, T)
+        if mlm:  # predict the chosen tokens of x itself, from a corrupted copy of x
+            x, y = data.mlm_mask(x, data.special(data.MASK), data.tokenizer().n_vocab - 3, rng)
+        return to_device(x, device), to_device(y, device)
+
+    history = []
+    for step in range(cfg.pretrain_steps):
+        t0 = time.time()
+        model.train()
+        x, y = batch(train_stream)
+        with autocast(device):
+            _, loss = forward(x, y)
+        check_finite(step, loss=loss)
+        optimizer_step(model, optimizer, loss, lr_at(step, cfg.pretrain_steps, cfg.lr))
+        history.append({"step": step, "loss": loss.item()})
+        log(step, loss=loss.item(), ms=int(1000 * (time.time() - t0)))
+    model.eval()
+    with torch.no_grad(), autocast(device):
+        val_loss = sum(model(*batch(val_stream))[1].item() for _ in range(10)) / 10
+    metrics = {"objective": cfg.objective, "val_loss": val_loss, "train_loss": history[-1]["loss"],
+               "params": model.num_params(), "config": asdict(cfg), "history": history}
+    out = os.path.join(cfg.out_dir, "pretrain_mlm" if mlm else "pretrain")
+    save_stage(out, model, metrics, step=cfg.pretrain_steps, built_from=record("pretrain", cfg))
+    print(f"val loss {val_loss:.4f} -> {out}/model.pt")
+    return metrics
 
 
-def max_new_tokens_fit(cfg, block_size, where):
-    """The check row of max_new_tokens: the world's longest prompt, the response and the EOT the reward model reads
-    after a response that was cut off fit block_size."""
-    P = data.longest_prompt_tokens()
-    # P + max_new_tokens + 1 <= block_size
-    return "max_new_tokens", P + cfg.max_new_tokens + 1 <= block_size, \
-        f"<= {block_size - P - 1}, so the longest prompt ({P} tokens), the response and EOT fit {where}"
+# ----------------------------------------------------------------------------- stage 2: SFT
+
+def sft_batch(examples, batch_size, rng, device):
+    """A batch of (ids, labels) pairs, right-padded; padded labels are -1 so they add nothing to the loss."""
+    pick = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=rng)]
+    ids = data.pad_right([p[0] for p in pick], data.special(data.PAD))  # (B, T)
+    labels = data.pad_right([p[1] for p in pick], -1)  # (B, T)
+    return to_device(ids, device), to_device(labels, device)
 
 
-def fits_sft_model(cfg):
-    """max_new_tokens_fit for a later stage, against the block_size of the SFT model its preset builds. A checkpoint
-    trained with another --block_size is checked only when it is used (GPT.trunk raises, in one line)."""
-    block_size = dataclasses.replace(Config(), **PRESETS[cfg.preset]).block_size
-    return max_new_tokens_fit(cfg, block_size, f"block_size {block_size} of the {cfg.preset} preset's SFT model")
+def sft_loss(logits, labels):
+    """The SFT loss of a batch: logits (B, T, V) and labels (B, T), where labels[b, t] is the token after position t
+    and -1 on the prompt and on padding (data.example_tensors), so only response tokens count."""
+    # L = -1/|y| sum_t log pi(y_t | x, y_<t): a mean over the response tokens of the batch, prompt labels -1 ignored
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-1)
+
+
+def finetune(model, examples, steps, lr, cfg, device, tag="sft"):
+    """Response-only cross-entropy on (ids, labels) examples at peak learning rate lr (cfg gives batch_size,
+    weight_decay and seed); returns the per-step history."""
+    optimizer = make_optimizer(model, lr, cfg.weight_decay, device)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for step in range(steps):
+        t0 = time.time()
+        model.train()
+        ids, labels = sft_batch(examples, cfg.batch_size, rng, device)
+        with autocast(device):
+            logits, _ = model(ids)  # (B, T, V)
+            loss = sft_loss(logits, labels)
+        check_finite(step, **{f"{tag}_loss": loss})
+        optimizer_step(model, optimizer, loss, lr_at(step, steps, lr, warmup=10))
+        history.append({"step": step, "loss": loss.item()})
+        log(step, **{f"{tag}_loss": loss.item()}, ms=int(1000 * (time.time() - t0)))
+    return history
+
+
+@torch.no_grad()
+def sft_val_loss(model, examples, device, batch_size=64):
+    model.eval()
+    losses = []
+    for i in range(0, len(examples), batch_size):
+        ids = data.pad_right([e[0] for e in examples[i:i + batch_size]], data.special(data.PAD)).to(device)
+        labels = data.pad_right([e[1] for e in examples[i:i + batch_size]], -1).to(device)
+        with autocast(device):
+            losses.append(sft_loss(model(ids)[0], labels).item())
+    return sum(losses) / len(losses)
+
+
+def sft(cfg):
+    device = pick_device(cfg.device)
+    # the demonstrations first: a bad file of the user's is reported before anything is pretrained
+    demos = data.load_sft_jsonl(cfg.data) if cfg.data else data.sft_examples(cfg.n_demos, seed=cfg.seed)
+    base = ensure_stage("pretrain", cfg)
+    torch.manual_seed(cfg.seed)
+    model = load_model(base, device)
+    train = data.sft_tensors(demos, model.config.block_size)
+    val = data.sft_tensors(data.sft_examples(256, seed=99, split="eval"), model.config.block_size)
+    prompts = eval_prompts(cfg.eval_prompts)
+    before, before_texts = evaluate(model, prompts, cfg.max_new_tokens, device)
+    before["val_loss"] = sft_val_loss(model, val, device)
+    print(f"pretrained: {json.dumps(before)}\n  sample: {before_texts[0]!r}")
+    history = finetune(model, train, cfg.sft_steps, cfg.lr / 3, cfg, device)  # fine-tuning: a third of the rate
+    after, texts = evaluate(model, prompts, cfg.max_new_tokens, device)
+    after["val_loss"] = sft_val_loss(model, val, device)
+    print(f"sft: {json.dumps(after)}")
+    for p, t in list(zip(prompts, texts))[:3]:
+        print(f"--- {p.split('### Instruction:')[-1].strip()!r}\n{t}")
+    metrics = {**after, "pretrained": before, "config": asdict(cfg), "history": history}
+    save_stage(os.path.join(cfg.out_dir, "sft"), model, metrics, step=cfg.sft_steps, built_from=record("sft", cfg))
+    return metrics
+
+
+# =====================================================================================================================
+# Shared by every later stage: the optimiser, the evaluation by the gold human, the chain of stages, and the
+# checks of flags that the later stages' Configs share.
+# =====================================================================================================================
 
 
 # ----------------------------------------------------------------------------- optimisation, shared by every stage
@@ -277,129 +383,6 @@ def compare_with_sft(policy, sft_model, prompts, max_new_tokens, device, seed=0)
     return metrics, texts, sft_texts
 
 
-# ----------------------------------------------------------------------------- stage 1: pretraining
-
-def pretrain(cfg):
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    mlm = cfg.objective == "mlm"
-    docs = data.load_corpus(cfg.corpus) if cfg.corpus else data.pretrain_corpus(cfg.n_docs, seed=cfg.seed)
-    eot = data.special(data.EOT)
-    stream = torch.tensor([t for d in docs for t in data.encode(d) + [eot]])  # the corpus as one token stream
-    n_val = max(len(stream) // 20, cfg.block_size + 2)
-    train_stream, val_stream = stream[:-n_val], stream[-n_val:]
-    if len(train_stream) <= cfg.block_size:  # lm_batch draws windows of block_size + 1 tokens
-        raise ValueError(f"a corpus of {len(stream)} tokens is too short for --block_size={cfg.block_size}; "
-                         f"raise --n_docs or pass a longer --corpus")
-    # the exact vocabulary: padding it to a multiple of 64 would leave ids no token decodes to, yet sampling can draw
-    model = GPT(GPTConfig(data.tokenizer().n_vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout,
-                          causal=not mlm)).to(device)
-    print(f"pretraining ({cfg.objective}) {model.num_params() / 1e6:.2f}M parameters on {len(train_stream)} tokens")
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    forward = torch.compile(model) if cfg.compile else model  # same weights; checkpoints save the plain model
-    rng = torch.Generator().manual_seed(cfg.seed)
-
-    def batch(stream_):
-        x, y = data.lm_batch(stream_, cfg.block_size, cfg.pretrain_batch_size, rng)  # (B, T), (B, T)
-        if mlm:  # predict the chosen tokens of x itself, from a corrupted copy of x
-            x, y = data.mlm_mask(x, data.special(data.MASK), data.tokenizer().n_vocab - 3, rng)
-        return to_device(x, device), to_device(y, device)
-
-    history = []
-    for step in range(cfg.pretrain_steps):
-        t0 = time.time()
-        model.train()
-        x, y = batch(train_stream)
-        with autocast(device):
-            _, loss = forward(x, y)
-        check_finite(step, loss=loss)
-        optimizer_step(model, optimizer, loss, lr_at(step, cfg.pretrain_steps, cfg.lr))
-        history.append({"step": step, "loss": loss.item()})
-        log(step, loss=loss.item(), ms=int(1000 * (time.time() - t0)))
-    model.eval()
-    with torch.no_grad(), autocast(device):
-        val_loss = sum(model(*batch(val_stream))[1].item() for _ in range(10)) / 10
-    metrics = {"objective": cfg.objective, "val_loss": val_loss, "train_loss": history[-1]["loss"],
-               "params": model.num_params(), "config": asdict(cfg), "history": history}
-    out = os.path.join(cfg.out_dir, "pretrain_mlm" if mlm else "pretrain")
-    save_stage(out, model, metrics, step=cfg.pretrain_steps, built_from=record("pretrain", cfg))
-    print(f"val loss {val_loss:.4f} -> {out}/model.pt")
-    return metrics
-
-
-# ----------------------------------------------------------------------------- stage 2: SFT
-
-def sft_batch(examples, batch_size, rng, device):
-    """A batch of (ids, labels) pairs, right-padded; padded labels are -1 so they add nothing to the loss."""
-    pick = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=rng)]
-    ids = data.pad_right([p[0] for p in pick], data.special(data.PAD))  # (B, T)
-    labels = data.pad_right([p[1] for p in pick], -1)  # (B, T)
-    return to_device(ids, device), to_device(labels, device)
-
-
-def sft_loss(logits, labels):
-    """The SFT loss of a batch: logits (B, T, V) and labels (B, T), where labels[b, t] is the token after position t
-    and -1 on the prompt and on padding (data.example_tensors), so only response tokens count."""
-    # L = -1/|y| sum_t log pi(y_t | x, y_<t): a mean over the response tokens of the batch, prompt labels -1 ignored
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-1)
-
-
-def finetune(model, examples, steps, lr, cfg, device, tag="sft"):
-    """Response-only cross-entropy on (ids, labels) examples at peak learning rate lr (cfg gives batch_size,
-    weight_decay and seed); returns the per-step history."""
-    optimizer = make_optimizer(model, lr, cfg.weight_decay, device)
-    rng = torch.Generator().manual_seed(cfg.seed)
-    history = []
-    for step in range(steps):
-        t0 = time.time()
-        model.train()
-        ids, labels = sft_batch(examples, cfg.batch_size, rng, device)
-        with autocast(device):
-            logits, _ = model(ids)  # (B, T, V)
-            loss = sft_loss(logits, labels)
-        check_finite(step, **{f"{tag}_loss": loss})
-        optimizer_step(model, optimizer, loss, lr_at(step, steps, lr, warmup=10))
-        history.append({"step": step, "loss": loss.item()})
-        log(step, **{f"{tag}_loss": loss.item()}, ms=int(1000 * (time.time() - t0)))
-    return history
-
-
-@torch.no_grad()
-def sft_val_loss(model, examples, device, batch_size=64):
-    model.eval()
-    losses = []
-    for i in range(0, len(examples), batch_size):
-        ids = data.pad_right([e[0] for e in examples[i:i + batch_size]], data.special(data.PAD)).to(device)
-        labels = data.pad_right([e[1] for e in examples[i:i + batch_size]], -1).to(device)
-        with autocast(device):
-            losses.append(sft_loss(model(ids)[0], labels).item())
-    return sum(losses) / len(losses)
-
-
-def sft(cfg):
-    device = pick_device(cfg.device)
-    # the demonstrations first: a bad file of the user's is reported before anything is pretrained
-    demos = data.load_sft_jsonl(cfg.data) if cfg.data else data.sft_examples(cfg.n_demos, seed=cfg.seed)
-    base = ensure_stage("pretrain", cfg)
-    torch.manual_seed(cfg.seed)
-    model = load_model(base, device)
-    train = data.sft_tensors(demos, model.config.block_size)
-    val = data.sft_tensors(data.sft_examples(256, seed=99, split="eval"), model.config.block_size)
-    prompts = eval_prompts(cfg.eval_prompts)
-    before, before_texts = evaluate(model, prompts, cfg.max_new_tokens, device)
-    before["val_loss"] = sft_val_loss(model, val, device)
-    print(f"pretrained: {json.dumps(before)}\n  sample: {before_texts[0]!r}")
-    history = finetune(model, train, cfg.sft_steps, cfg.lr / 3, cfg, device)  # fine-tuning: a third of the rate
-    after, texts = evaluate(model, prompts, cfg.max_new_tokens, device)
-    after["val_loss"] = sft_val_loss(model, val, device)
-    print(f"sft: {json.dumps(after)}")
-    for p, t in list(zip(prompts, texts))[:3]:
-        print(f"--- {p.split('### Instruction:')[-1].strip()!r}\n{t}")
-    metrics = {**after, "pretrained": before, "config": asdict(cfg), "history": history}
-    save_stage(os.path.join(cfg.out_dir, "sft"), model, metrics, step=cfg.sft_steps, built_from=record("sft", cfg))
-    return metrics
-
-
 # ----------------------------------------------------------------------------- the chain of stages
 
 # Each stage: the script whose Config builds it, the stages it starts from, and the Config fields that shape what
@@ -511,6 +494,34 @@ def ensure_stage(stage, cfg):
     build = getattr(importlib.import_module(CHAIN[stage][0]), BUILDERS[stage])
     build(stage_config(stage, cfg))
     return path
+
+
+# ----------------------------------------------------------------------------- checks the later stages share
+
+def enough_prompts(cfg, field, split, seed):
+    """A check row: data.tasks can draw the field's number of distinct prompts of split (it says how many there are
+    when it cannot)."""
+    try:
+        data.tasks(split, getattr(cfg, field), seed)
+        return field, True, ""
+    except ValueError as e:
+        return field, False, f"at most what the world has ({e})"
+
+
+def max_new_tokens_fit(cfg, block_size, where):
+    """The check row of max_new_tokens: the world's longest prompt, the response and the EOT the reward model reads
+    after a response that was cut off fit block_size."""
+    P = data.longest_prompt_tokens()
+    # P + max_new_tokens + 1 <= block_size
+    return "max_new_tokens", P + cfg.max_new_tokens + 1 <= block_size, \
+        f"<= {block_size - P - 1}, so the longest prompt ({P} tokens), the response and EOT fit {where}"
+
+
+def fits_sft_model(cfg):
+    """max_new_tokens_fit for a later stage, against the block_size of the SFT model its preset builds. A checkpoint
+    trained with another --block_size is checked only when it is used (GPT.trunk raises, in one line)."""
+    block_size = dataclasses.replace(Config(), **PRESETS[cfg.preset]).block_size
+    return max_new_tokens_fit(cfg, block_size, f"block_size {block_size} of the {cfg.preset} preset's SFT model")
 
 
 def main():
