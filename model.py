@@ -17,6 +17,7 @@ device/autocast choice, the `--field=value` command-line parser with its checks,
 Shapes: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head size (C // nh),
         P prompt length, R response length.
 """
+import argparse
 import ast
 import contextlib
 import dataclasses
@@ -411,16 +412,27 @@ def field_docs(cls):
 TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
 
 
-def _convert(field, text, flag):
-    kind = type(field.default)
-    try:
-        if kind is bool:
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+def flag_type(name, default):
+    """argparse's type= for the field name: the default's type (true/false, yes/no or 1/0 for a bool), and a bad
+    value ends the program with one line naming the flag."""
+    kind = type(default)
+
+    def convert(text):
+        try:
+            if kind is bool and text.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError
-            return text.lower() in ("1", "true", "yes")
-        return kind(text)
-    except ValueError:
-        raise SystemExit(f"error: {flag}={text}: must be {TYPE_WORDS[kind]}") from None
+            return text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+        except ValueError:
+            raise SystemExit(f"error: --{name}={text}: must be {TYPE_WORDS[kind]}") from None
+    return convert
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with every mistake in one line ("error: --n_layer needs a value") instead of usage and a message."""
+
+    def error(self, message):
+        flag = message.split("argument ", 1)[-1].split(":")[0]
+        raise SystemExit(f"error: {flag} needs a value" if "expected one argument" in message else f"error: {message}")
 
 
 def resolve_preset(preset):
@@ -429,36 +441,31 @@ def resolve_preset(preset):
 
 
 def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
-    """A Config from `--field=value` / `--field value` flags, checked against the dataclass. `presets` maps a
-    preset name to field overrides; `--preset=auto` picks "medium" when CUDA is available, else "small". Explicit
-    flags win over the preset. `check(cfg)` yields the script's (field, ok, allowed) rows; the first row that
-    fails ends the program with one line, before any work and before the overrides are printed (unless quiet)."""
+    """A Config from `--field=value` / `--field value` flags: an argparse parser built from the dataclass, one flag
+    per field. `presets` maps a preset name to field overrides (`--preset=auto` picks "medium" when CUDA is
+    available, else "small"); explicit flags win over the preset. `check(cfg)` yields the script's (field, ok,
+    allowed) rows; the first row that fails ends the program with one line, before any work and before the
+    overrides are printed (unless quiet)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
     if "-h" in argv or "--help" in argv:
         docs = field_docs(cls)
         print(f"usage: python {os.path.basename(sys.argv[0])} [--field=value ...]\n")
-        for f in fields.values():
+        for f in fields:
             print(f"  --{f.name}={f.default!r}\n      {docs.get(f.name, '')}")
         raise SystemExit(0)
-    overrides = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; flags look like --field=value")
-        key, has_value, value = arg[2:].partition("=")
-        if key not in fields:
-            valid = ", ".join(f"--{k}" for k in fields)
-            raise SystemExit(f"error: unknown flag --{key}; valid flags: {valid}")
-        if not has_value:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"error: --{key} needs a value")
-            i, value = i + 1, argv[i + 1]
-        overrides[key] = _convert(fields[key], value, f"--{key}")
-        i += 1
+    parser = OneLineParser(add_help=False, allow_abbrev=False)
+    for f in fields:  # only the flags given land in the namespace: the rest keep the preset's or the default
+        parser.add_argument(f"--{f.name}", type=flag_type(f.name, f.default), default=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if not rest[0].startswith("--"):
+            raise SystemExit(f"error: unexpected argument {rest[0]!r}; flags look like --field=value")
+        valid = ", ".join(f"--{f.name}" for f in fields)
+        raise SystemExit(f"error: unknown flag {rest[0].split('=')[0]}; valid flags: {valid}")
+    overrides = vars(args)
     cfg = cls()
-    if presets and "preset" in fields:
+    if presets and hasattr(cfg, "preset"):
         preset = resolve_preset(overrides.get("preset", cfg.preset))
         if preset not in presets:
             raise SystemExit(f"error: --preset={preset}: must be one of auto, {', '.join(presets)}")
@@ -467,7 +474,7 @@ def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
     for field, ok, allowed in check(cfg) if check else ():
         if not ok:
             raise SystemExit(f"error: --{field}={getattr(cfg, field)}: must be {allowed}")
-    if not quiet and "device" in fields:
+    if not quiet and hasattr(cfg, "device"):
         announce(cfg)
     for key, value in {} if quiet else overrides.items():
         print(f"override: {key} = {value!r}")
