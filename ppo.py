@@ -420,11 +420,8 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
         if cfg.adaptive_kl:
             kl_coef = update_kl_coef(kl_coef, kl, cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
 
-    ppo_eval, texts = sft.evaluate(policy, eval_prompts, cfg.max_new_tokens, device, ref=ref, seed=cfg.seed)
-    metrics = {"gold_reward": ppo_eval["gold_reward"], "gold_reward_sft": sft_eval["gold_reward"],
-               "follow_rate": ppo_eval["follow_rate"], "follow_rate_sft": sft_eval["follow_rate"],
-               "kl": ppo_eval["kl"], "win_rate_vs_sft": sft.win_rate(eval_prompts, texts, sft_texts),
-               "ppo": ppo_eval, "sft": sft_eval}
+    metrics, texts, _ = sft.compare_with_sft(policy, ref, eval_prompts, cfg.max_new_tokens, device, cfg.seed,
+                                             sft_eval=(sft_eval, sft_texts))
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     for p, a, b in list(zip(eval_prompts, sft_texts, texts))[:3]:
         print(f"--- {p.split('### Instruction:')[-1].split('###')[0].strip()!r}\n  sft: {a}\n  ppo: {b}")

@@ -370,11 +370,12 @@ def evaluate(model, prompts, max_new_tokens, device="cpu", ref=None, seed=0):
     return metrics, texts
 
 
-def compare_with_sft(policy, sft_model, prompts, max_new_tokens, device, seed=0):
+def compare_with_sft(policy, sft_model, prompts, max_new_tokens, device, seed=0, sft_eval=None):
     """What every later stage reports, on the held-out prompts and one sampling seed for both models: its mean gold
     reward next to the SFT model's, its KL to the SFT model, and the gold human's win rate of its samples over SFT's.
+    sft_eval: the SFT model's (metrics, texts) from evaluate with this seed, when the caller has them already.
     Returns (metrics, texts, sft_texts); metrics["policy"] and metrics["sft"] hold the full evaluations."""
-    sft_eval, sft_texts = evaluate(sft_model, prompts, max_new_tokens, device, seed=seed)
+    sft_eval, sft_texts = sft_eval or evaluate(sft_model, prompts, max_new_tokens, device, seed=seed)
     policy_eval, texts = evaluate(policy, prompts, max_new_tokens, device, ref=sft_model, seed=seed)
     metrics = {"gold_reward": policy_eval["gold_reward"], "gold_reward_sft": sft_eval["gold_reward"],
                "follow_rate": policy_eval["follow_rate"], "follow_rate_sft": sft_eval["follow_rate"],

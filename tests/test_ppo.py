@@ -170,7 +170,7 @@ def test_tiny_ppo_raises_a_toy_reward(tmp_path):
     saved = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     for key in ("gold_reward", "gold_reward_sft", "follow_rate", "follow_rate_sft", "kl", "win_rate_vs_sft"):
         assert math.isfinite(saved[key])
-    assert saved["follow_rate"] == saved["ppo"]["follow_rate"]
+    assert saved["follow_rate"] == saved["policy"]["follow_rate"]
     assert saved["follow_rate_sft"] == saved["sft"]["follow_rate"]
     for key in ("score", "gold", "follow", "kl", "kl_coef", "approx_kl", "clipfrac", "entropy", "explained_var",
                 "pg_loss", "vf_loss", "ms"):
