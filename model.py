@@ -11,8 +11,9 @@ through F.scaled_dot_product_attention, a GELU MLP. Departures:
   - `generate` keeps a KV cache; `use_cache=False` recomputes the prefix every step (the readable version, and
     the test oracle for the cache).
   - `ScalarHeadModel` puts a linear head on the trunk: one number per position, for the reward model and critic.
-Also here, because every script needs them: checkpoints and files written atomically, masked statistics, the
-device/autocast choice, the `--field=value` command-line parser with its checks, and the one-line errors of main().
+Below the model, under one banner, the plumbing every script shares: checkpoints and files written atomically,
+the device/autocast choice, the `--field=value` parser (argparse, built from a Config) with its checks, and the
+one-line errors of main().
 
 Shapes: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head size (C // nh),
         P prompt length, R response length.
@@ -279,6 +280,13 @@ def masked_whiten(x, mask, shift_mean=True):
     var = masked_mean((x - mean) ** 2, mask)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
+
+
+# =====================================================================================================================
+# The model ends here. Below, the plumbing every script shares: checkpoints and files written atomically, the
+# device and autocast, the --field=value parser built from a Config, the rows of each script's check(cfg), and
+# the one-line errors of main().
+# =====================================================================================================================
 
 
 # ----------------------------------------------------------------------------- files and checkpoints
