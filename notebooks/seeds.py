@@ -27,8 +27,8 @@ import dpo  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
-from frontier import names, timed_run  # noqa: E402
-from model import atomic_write, one_line_errors, parse_config, pick_device, resolve_preset, run_fields  # noqa: E402
+from frontier import names, run_experiment, timed_run  # noqa: E402
+from model import atomic_write, parse_config, pick_device, resolve_preset, run_fields  # noqa: E402
 
 
 @dataclass
@@ -162,11 +162,13 @@ def train(cfg):
     return results
 
 
-def main():
-    cfg = parse_config(Config, presets=PRESETS, check=check)
-    with one_line_errors():
-        train(cfg)
+def seed_lines(results):
+    """One line a seed: what PPO and DPO bought over SFT."""
+    return "\n".join(f"seed {r['seed']}: SFT follow {r['ppo']['follow_rate_sft']:.3f} | PPO follow "
+                     f"{r['ppo']['follow_rate']:.3f}, win {r['ppo']['win_rate_vs_sft']:.3f}, kl {r['ppo']['kl']:.2f} | "
+                     f"DPO follow {r['dpo']['follow_rate']:.3f}, win {r['dpo']['win_rate_vs_sft']:.3f}, "
+                     f"kl {r['dpo']['kl']:.2f}" for r in results["seeds"])
 
 
 if __name__ == "__main__":
-    main()
+    run_experiment(Config, check, train, seed_lines)

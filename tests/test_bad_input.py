@@ -25,9 +25,11 @@ from model import (GPT, CheckpointError, Diverged, GPTConfig, ScalarHeadModel, a
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "notebooks"))
 import frontier  # noqa: E402
+import seeds  # noqa: E402
 
 torch.set_num_threads(1)
-SCRIPTS = {"sft.py": sft, "reward.py": reward, "ppo.py": ppo, "dpo.py": dpo, "notebooks/frontier.py": frontier}
+SCRIPTS = {"sft.py": sft, "reward.py": reward, "ppo.py": ppo, "dpo.py": dpo, "notebooks/frontier.py": frontier,
+           "notebooks/seeds.py": seeds}
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -67,6 +69,8 @@ BAD_FLAGS = [
     ("notebooks/frontier.py", ["--dpo_betas=0"], "--dpo_betas=0: must be comma-separated numbers > 0"),
     ("notebooks/frontier.py", ["--steps=-1"], "--steps=-1: must be >= 0"),
     ("notebooks/frontier.py", ["--overopt_steps=ten"], "--overopt_steps=ten: must be an integer"),
+    ("notebooks/seeds.py", ["--seeds=1,x"], "--seeds=1,x: must be comma-separated integers, at least one"),
+    ("notebooks/seeds.py", ["--threads=-1"], "--threads=-1: must be >= 0"),
 ]
 
 
