@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import dpo  # noqa: E402
+import lecture  # noqa: E402  (notebooks/lecture.py: the running mean the plots below share with the notebooks)
 import ppo  # noqa: E402
 import sft  # noqa: E402
 from model import (atomic_write, deferred_interrupt, load_model, non_negative, one_line_errors,  # noqa: E402
@@ -98,38 +99,52 @@ def betas(text, allowed):
 # ----------------------------------------------------------------------------- plots and tables, pure functions
 
 def plot_frontier(rows, ax):
-    """The reward-KL frontier on a matplotlib Axes: one line per method through its points sorted by KL."""
-    for method, kls, golds in frontier_series(rows):
-        ax.plot(kls, golds, marker="o", label=method)
-    ax.set(xlabel="KL(pi || pi_sft) (nats)", ylabel="gold reward (held-out prompts)",
-           title="Reward-KL frontier on the gold human")
+    """The reward-KL frontier on a matplotlib Axes: one line per method through its points in KL order, each point
+    labelled with its setting (beta=0.3, N=4) in the line's colour; SFT's setting "-" is left unlabelled."""
+    for method, kls, golds, settings in frontier_series(rows):
+        line, = ax.plot(kls, golds, marker="o", label=method)
+        for kl, gold, setting in zip(kls, golds, settings):
+            if setting != "-":
+                ax.annotate(setting, (kl, gold), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
+    ax.set(xlabel="KL(pi || pi_sft) (nats)", ylabel="gold reward (mean over held-out prompts)",
+           title="Reward-KL frontier: gold reward bought per nat of KL")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside the axes: it would hide points
 
 
 def plot_overoptimization(overopt, ax):
-    """Gao et al.'s picture on a matplotlib Axes: the RM score (proxy) and the gold reward of the rollouts against
-    their KL, each a 5-step running mean. overopt: results["overoptimization"]."""
-    kls, scores, golds = (running_mean([h[k] for h in overopt["history"]]) for k in ("kl", "score", "gold"))
-    ax.plot(kls, scores, label="RM score (proxy)")
-    ax.plot(kls, golds, label="gold reward")
-    ax.set(xlabel="KL(pi || pi_sft) of the rollouts (nats)", ylabel="mean reward of the rollouts (5-step mean)",
-           title=f"Over-optimisation: PPO, {overopt['setting']}")
+    """Gao et al.'s picture on a matplotlib Axes: the gold reward (left axis) and the RM score (the proxy, right
+    axis: another unit) of the rollouts against their KL, each step a faint dot and the 5-step running means
+    (lecture.running_mean) as lines. overopt: results["overoptimization"]. Returns the right-hand Axes."""
+    history = overopt["history"]
+    kls = lecture.running_mean([h["kl"] for h in history])
+    proxy_ax = ax.twinx()
+    curves = [(ax, "gold", "C1", "gold reward", "gold reward of the rollouts"),
+              (proxy_ax, "score", "C0", "RM score (proxy)", "RM score of the rollouts (reward-model units)")]
+    handles = []
+    for axis, key, color, label, ylabel in curves:
+        values = [h[key] for h in history]
+        axis.plot([h["kl"] for h in history], values, ".", alpha=0.25, color=color)
+        handles += axis.plot(kls, lecture.running_mean(values), color=color, label=f"{label}, 5-step mean")
+        axis.set_ylabel(ylabel, color=color)
+    ax.set(xlabel="KL(pi || pi_sft) of the rollouts (nats)",
+           title=f"Over-optimisation: PPO, {overopt['setting']}: gold and proxy against KL")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(handles=handles, loc="lower right")
+    return proxy_ax
 
 
 def frontier_series(rows):
-    """One (method, kls, golds) per method, in order of first appearance, its points sorted by KL."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    points = {m: sorted((r["kl"], r["gold_reward"]) for r in rows if r["method"] == m) for m in methods}
-    return [(m, [k for k, _ in points[m]], [g for _, g in points[m]]) for m in methods]
-
-
-def running_mean(values, k=5):
-    """Mean of the last k values at each step: a rollout batch's mean reward and KL are noisy step to step."""
-    windows = [values[max(0, i - k + 1):i + 1] for i in range(len(values))]
-    return [sum(w) / len(w) for w in windows]
+    """One (method, kls, golds, settings) per method, in order of first appearance, its points in KL order: a sweep
+    lists them by beta or N, and a larger beta need not mean a smaller KL, so joining them in that order would draw
+    the line back along the KL axis."""
+    series = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl"])
+        series.append((method, [r["kl"] for r in points], [r["gold_reward"] for r in points],
+                       [r["setting"] for r in points]))
+    return series
 
 
 def markdown_table(rows):

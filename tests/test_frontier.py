@@ -1,6 +1,7 @@
-"""notebooks/frontier.py: the frontier plot has one line per method through its points sorted by KL, the
-over-optimisation plot the running means, the table and the per-method series come from hand-made rows, and a tiny
-sweep end to end (SFT, best-of-N, rejection, PPO and DPO runs, the over-optimisation run, every output file)."""
+"""notebooks/frontier.py: the frontier plot has one line per method through its points sorted by KL, each point
+labelled with its setting; the over-optimisation plot draws gold and proxy on axes of their own, raw and smoothed;
+the table and the per-method series come from hand-made rows; and a tiny sweep runs end to end (SFT, best-of-N,
+rejection, PPO and DPO runs, the over-optimisation run, every output file)."""
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from model import GPT, GPTConfig, ScalarHeadModel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks"))
 import frontier  # noqa: E402
+import lecture  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -30,23 +32,49 @@ ROWS = [dict(method="SFT", setting="-", kl=0.0, gold_reward=-0.3, win_rate_vs_sf
         dict(method="PPO", setting="beta=0.01", kl=9.0, gold_reward=0.35, win_rate_vs_sft=0.69)]
 
 
+def lines_and_labels(ax):
+    """{method: (kls, golds)} of the plotted lines, and the settings annotated at each (kl, gold) point."""
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    labels = {tuple(t.xy): t.get_text() for t in ax.texts}
+    return lines, labels
+
+
 def test_plot_frontier_draws_one_line_per_method_through_its_points_by_kl():
     fig, ax = plt.subplots()
     frontier.plot_frontier(ROWS, ax)
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    lines, labels = lines_and_labels(ax)
     assert lines == {"SFT": ([0.0], [-0.3]), "best-of-N": ([0.0, 0.636], [-0.31, 0.2]),
                      "PPO": ([2.5, 9.0], [0.41, 0.35])}  # sorted by KL, not in the rows' order
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["SFT", "best-of-N", "PPO"]
+    # each point but SFT's ("-") is labelled with its setting, in its line's colour
+    assert labels == {(0.0, -0.31): "N=1", (0.636, 0.2): "N=4", (2.5, 0.41): "beta=0.1", (9.0, 0.35): "beta=0.01"}
+    colours = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    assert all(t.get_color() == colours["PPO"] for t in ax.texts if t.get_text().startswith("beta"))
     plt.close(fig)
 
 
-def test_plot_overoptimization_draws_running_means_of_proxy_and_gold():
+def test_plot_frontier_joins_points_in_kl_order_when_the_sweep_is_in_beta_order():
+    # DPO's betas in the sweep's order; its KL falls and then rises again, so beta order is not KL order
+    dpo_rows = [dict(method="DPO", setting=f"beta={b}", kl=kl, gold_reward=g, win_rate_vs_sft=0.6)
+                for b, kl, g in [(0.03, 4.6, 1.9), (0.1, 6.1, 2.1), (0.3, 1.2, 1.5), (1.0, 2.2, 1.7)]]
+    fig, ax = plt.subplots()
+    frontier.plot_frontier(dpo_rows, ax)
+    lines, labels = lines_and_labels(ax)
+    assert lines == {"DPO": ([1.2, 2.2, 4.6, 6.1], [1.5, 1.7, 1.9, 2.1])}
+    assert [labels[p] for p in zip(*lines["DPO"])] == ["beta=0.3", "beta=1.0", "beta=0.03", "beta=0.1"]
+    plt.close(fig)
+
+
+def test_plot_overoptimization_draws_gold_and_proxy_on_axes_of_their_own():
     history = [dict(step=i, kl=float(i), score=float(i), gold=float(10 - i)) for i in range(8)]
     fig, ax = plt.subplots()
-    frontier.plot_overoptimization({"setting": "beta=0", "history": history}, ax)
-    proxy, gold = ax.get_lines()
-    assert list(proxy.get_xdata()) == frontier.running_mean([float(i) for i in range(8)])
+    proxy_ax = frontier.plot_overoptimization({"setting": "beta=0", "history": history}, ax)
+    (gold_raw, gold), (proxy_raw, proxy) = ax.get_lines(), proxy_ax.get_lines()  # gold reward and RM score: two units
+    assert list(proxy.get_xdata()) == lecture.running_mean([float(i) for i in range(8)])
     assert list(gold.get_ydata())[:2] == [10.0, 9.5]  # the first window has one value, the second two
+    assert list(gold_raw.get_ydata()) == [float(10 - i) for i in range(8)] and gold_raw.get_alpha() == 0.25
+    assert list(proxy_raw.get_ydata()) == [float(i) for i in range(8)] and proxy_raw.get_alpha() == 0.25
+    assert "gold" in ax.get_ylabel() and "RM score" in proxy_ax.get_ylabel() and "nats" in ax.get_xlabel()
     assert "beta=0" in ax.get_title()
     plt.close(fig)
 
@@ -60,14 +88,14 @@ def test_markdown_table_and_series_from_hand_made_rows():
     assert table[5] == "| PPO | beta=0.1 | 2.500 | +0.410 | 0.712 |"
     series = frontier.frontier_series(ROWS)
     assert [s[0] for s in series] == ["SFT", "best-of-N", "PPO"]  # order of first appearance
-    assert series[1][1:] == ([0.0, 0.636], [-0.31, 0.2])  # points sorted by KL
-    assert series[2][1:] == ([2.5, 9.0], [0.41, 0.35])
+    assert series[1][1:] == ([0.0, 0.636], [-0.31, 0.2], ["N=1", "N=4"])  # points sorted by KL, with their settings
+    assert series[2][1:] == ([2.5, 9.0], [0.41, 0.35], ["beta=0.1", "beta=0.01"])
 
 
 def test_floats_and_running_mean():
     assert frontier.floats("0.01, 0.1,1") == [0.01, 0.1, 1.0]
     assert frontier.floats("") == []
-    assert frontier.running_mean([1, 3, 5, 7], k=2) == [1, 2, 4, 6]  # the first window is shorter
+    assert lecture.running_mean([1, 3, 5, 7], k=2) == [1, 2, 4, 6]  # the first window is shorter
 
 
 def test_tiny_sweep_end_to_end(tmp_path):

@@ -378,6 +378,11 @@ def test_reward_end_to_end(reward_run):
     texts, *_ = sft.sample(policy, prompts, cfg.max_new_tokens)
     scores = reward.score_texts(rm, prompts, texts, "cpu")
     assert abs(scores.mean().item()) < 1e-4 and scores.std().item() > 1e-3  # centred, yet not all the same
+    # the training accuracy is over a fixed sample of n_eval_pairs training pairs, not over the last batch
+    pairs = reward.load_pairs(str(out / "reward" / "pairs.jsonl"))
+    sample = random.Random(cfg.seed).sample(pairs, cfg.n_eval_pairs)
+    assert len(pairs) > cfg.n_eval_pairs and saved["train_accuracy"] == reward.pairwise_accuracy(rm, sample, "cpu")
+    assert saved["train_accuracy"] * cfg.n_eval_pairs == round(saved["train_accuracy"] * cfg.n_eval_pairs)
 
 
 def test_rejection_sampling_with_no_steps_is_the_sft_model(reward_run):
