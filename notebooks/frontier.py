@@ -172,12 +172,14 @@ def row(method, setting, metrics, seconds=0.0):
 
 
 def timed_run(run_cfg, stage, train_fn):
-    """(metrics, seconds) of train_fn(), or of the run already saved in run_cfg.out_dir/stage with this config."""
+    """(metrics, seconds) of train_fn(), or of the run already saved in run_cfg.out_dir/stage with this config (its
+    out_dir aside: it says where a run is, not how it ran, so a run copied from another folder is reused too)."""
     path = os.path.join(run_cfg.out_dir, stage, "metrics.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved.get("config") == json.loads(json.dumps(asdict(run_cfg))):
+        settings = lambda c: {k: v for k, v in c.items() if k != "out_dir"}  # noqa: E731
+        if settings(saved.get("config", {})) == settings(json.loads(json.dumps(asdict(run_cfg)))):
             print(f"== {path}: done before with this config, reused")
             return saved, 0.0
     print(f"== {run_cfg.out_dir}: training {stage}")
