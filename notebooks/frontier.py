@@ -109,6 +109,7 @@ def plot_frontier(rows, ax):
                             color=line.get_color())
     ax.set(xlabel="KL(pi || pi_sft) (nats)", ylabel="gold reward (mean over held-out prompts)",
            title="Reward-KL frontier: gold reward bought per nat of KL")
+    ax.margins(x=0.1, y=0.08)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside the axes: it would hide points
 
