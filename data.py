@@ -28,7 +28,7 @@ from collections import Counter
 import tiktoken
 import torch
 
-from model import atomic_write
+from model import atomic_write, rank as process_rank
 
 # ----------------------------------------------------------------------------- the lexicon and the grammar
 
@@ -377,10 +377,11 @@ def tokenizer(cache_dir=TOKENIZER_DIR):
     if os.path.exists(path):
         with open(path) as f:
             ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
-    else:
+    else:  # under torchrun every process trains the same ranks, and rank 0 alone writes them
         ranks = train_bpe(texts, VOCAB_SIZE - 256 - 3)
-        with atomic_write(path) as f:  # tiktoken's own file format: base64 token, rank
-            f.writelines(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in ranks.items())
+        if process_rank() == 0:
+            with atomic_write(path) as f:  # tiktoken's own file format: base64 token, rank
+                f.writelines(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in ranks.items())
     n = len(ranks)
     return tiktoken.Encoding("lab", pat_str=PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT: n, PAD: n + 1, MASK: n + 2})

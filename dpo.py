@@ -40,8 +40,9 @@ import torch.nn.functional as F
 import data
 import reward
 import sft
-from model import (autocast, check_finite, files_or_empty, interval, load_model, non_negative, one_line_errors, one_of,
-                   parse_config, pick_device, positive, run_fields, to_device)
+from model import (autocast, check_finite, data_parallel, files_or_empty, interval, load_model, mean_over_processes,
+                   my_share, non_negative, one_line_errors, one_of, parse_config, pick_device, positive, rank,
+                   run_fields, to_device)
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Config:
     preset: str = "auto"
     """small, medium, or auto (medium when CUDA is available): see sft.PRESETS"""
     device: str = "auto"
-    """cpu, cuda, or auto"""
+    """cpu, cuda, mps (Apple's GPU), or auto: CUDA, then MPS, then the CPU"""
     seed: int = 1337
     steps: int = 120
     """optimizer steps"""
@@ -202,7 +203,7 @@ def optimize(policy, train_t, train_ref, cfg, device, val_t=(), val_ref=None):
         t0 = time.time()
         policy.train()
         # 1. a batch of pairs and their precomputed reference log-probs
-        idx = torch.randint(len(train_t), (cfg.batch_size,), generator=rng)  # (B,)
+        idx = my_share(torch.randint(len(train_t), (cfg.batch_size,), generator=rng))  # (B,), B/N under torchrun
         ids, labels = collate([train_t[int(i)] for i in idx], device)  # (2B, T)
         ref = train_ref[idx.to(train_ref.device)]  # (B, 2)
         # 2. log pi(y_w|x) and log pi(y_l|x) in one forward
@@ -216,11 +217,13 @@ def optimize(policy, train_t, train_ref, cfg, device, val_t=(), val_ref=None):
         # 4. one AdamW step on theta
         lr = sft.lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         grad_norm = sft.optimizer_step(policy, optimizer, loss, lr)
-        # chosen/rejected: beta * log pi/pi_ref, means; both often fall while the margin between them grows
-        row = dict(loss=loss.item(), reward_accuracy=float((chosen_rewards > rejected_rewards).float().mean()),
-                   reward_margin=float((chosen_rewards - rejected_rewards).mean()),
-                   chosen_reward=float(chosen_rewards.mean()), rejected_reward=float(rejected_rewards.mean()),
-                   grad_norm=grad_norm, lr=lr)
+        # chosen/rejected: beta * log pi/pi_ref, means; both often fall while the margin between them grows. Under
+        # torchrun the means over the processes' equal shares: the global batch's
+        row = mean_over_processes(dict(
+            loss=loss.item(), reward_accuracy=float((chosen_rewards > rejected_rewards).float().mean()),
+            reward_margin=float((chosen_rewards - rejected_rewards).mean()),
+            chosen_reward=float(chosen_rewards.mean()), rejected_reward=float(rejected_rewards.mean())))
+        row.update(grad_norm=grad_norm, lr=lr)
         if len(val_t) and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
             row.update({f"val_{k}": v for k, v in pair_stats(policy, val_t, val_ref, cfg, device).items()})
         history.append({"step": step, **row})
@@ -237,7 +240,7 @@ def train(cfg, policy=None, ref=None):
     device = pick_device(cfg.device)
     pairs = reward.load_pairs(cfg.data or sft.ensure_stage("pairs", cfg))
     sft_path = sft.ensure_stage("sft", cfg) if policy is None or ref is None else None
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank())  # each process its own dropout under torchrun
     policy = load_model(sft_path, device) if policy is None else policy.to(device)
     ref = load_model(sft_path, device) if ref is None else ref.to(device)  # pi_ref: the frozen SFT model
     ref.requires_grad_(False)
@@ -269,7 +272,7 @@ def train(cfg, policy=None, ref=None):
 
 def main():
     cfg = parse_config(Config, presets=PRESETS, check=check)
-    with one_line_errors():
+    with one_line_errors(), data_parallel(cfg, "batch_size"):
         train(cfg)
 
 

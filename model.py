@@ -12,8 +12,9 @@ through F.scaled_dot_product_attention, a GELU MLP. Departures:
     the test oracle for the cache).
   - `ScalarHeadModel` puts a linear head on the trunk: one number per position, for the reward model and critic.
 Below the model, under one banner, the plumbing every script shares: checkpoints and files written atomically,
-the device/autocast choice, the `--field=value` parser (argparse, built from a Config) with its checks, and the
-one-line errors of main().
+the device/autocast choice, data parallelism under torchrun (a share of each batch per process, gradients averaged,
+rank 0 alone evaluating and writing), the `--field=value` parser (argparse, built from a Config) with its checks,
+and the one-line errors of main().
 
 Shapes: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head size (C // nh),
         P prompt length, R response length.
@@ -22,6 +23,8 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import datetime
+import functools
 import inspect
 import math
 import os
@@ -32,6 +35,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -274,18 +278,29 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def masked_mean_all_processes(x, mask):
+    """masked_mean over the positions of every process under torchrun: the sums of x * mask and of mask, added up
+    over the processes, then divided. Without a process group it is masked_mean itself."""
+    if not distributed():
+        return masked_mean(x, mask)
+    mask = mask.to(x.dtype)
+    total, count = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    return total / count.clamp(min=1)
+
+
 def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the positions where mask is 1 (advantage whitening)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """(x - mean) / std over the positions where mask is 1 (advantage whitening); under torchrun the mean and the
+    variance are those of every process's positions, so each process scales its share as one process would."""
+    mean = masked_mean_all_processes(x, mask)
+    var = masked_mean_all_processes((x - mean) ** 2, mask)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 
 
 # =====================================================================================================================
 # The model ends here. Below, the plumbing every script shares: checkpoints and files written atomically, the
-# device and autocast, the --field=value parser built from a Config, the rows of each script's check(cfg), and
-# the one-line errors of main().
+# device and autocast, data parallelism under torchrun, the --field=value parser built from a Config, the rows of
+# each script's check(cfg), and the one-line errors of main().
 # =====================================================================================================================
 
 
@@ -367,15 +382,20 @@ def load_model(path, device="cpu"):
 # ----------------------------------------------------------------------------- device, autocast, command line
 
 def pick_device(name="auto"):
+    """auto: CUDA, then Apple's GPU (MPS), then the CPU. Under torchrun "cuda" is the GPU of this process's
+    LOCAL_RANK: one GPU a process."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
     return name
 
 
 # autocast's dtype per device type: bf16 on CUDA, full fp32 on CPU (bf16 matmuls are slow on most CPUs); and
 # AdamW's fused kernel, on CUDA. tests/test_cuda_path.py turns both on for the CPU: the CUDA path's numerics.
-AUTOCAST = {"cuda": torch.bfloat16, "cpu": None}
-FUSED = {"cuda": True, "cpu": False}
+# Apple's GPU (MPS) runs the CPU's code: fp32, the plain AdamW, plain .to() (to_device pins for CUDA only).
+AUTOCAST = {"cuda": torch.bfloat16, "cpu": None, "mps": None}
+FUSED = {"cuda": True, "cpu": False, "mps": False}
 
 
 def autocast(device):
@@ -393,7 +413,9 @@ def announce(cfg):
     is visible but this torch cannot use it (the CPU build of PyTorch), instead of a quiet run on the CPU."""
     device = pick_device(cfg.device)
     dtype = str(AUTOCAST.get(torch.device(device).type) or torch.float32).replace("torch.", "")
-    print(f"device {device} | dtype {dtype} | preset {cfg.preset} | torch {torch.__version__}")
+    n = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    print(f"device {device} | dtype {dtype} | preset {cfg.preset} | torch {torch.__version__}"
+          + (f" | processes {n}" if n > 1 else ""))
     if nvidia_gpu_visible() and not torch.cuda.is_available():
         print(f"warning: an NVIDIA GPU is visible but torch {torch.__version__} cannot use it; for the CUDA build: "
               f"pip install --force-reinstall torch=={torch.__version__.split('+')[0]}", file=sys.stderr)
@@ -404,6 +426,171 @@ def to_device(t, device):
     if str(device).startswith("cuda"):
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+# ----------------------------------------------------------------------------- data parallelism under torchrun
+# `torchrun --nproc_per_node=N script.py` starts N copies of a script and tells each its RANK (0..N-1), LOCAL_RANK
+# (its GPU on this machine) and WORLD_SIZE (N) in its environment. Each process takes an equal share of every global
+# batch (my_share), the gradients are averaged across the processes (average_gradients, in sft.optimizer_step), so
+# their weights stay equal, and rank 0 alone evaluates (on_rank_0), prints and writes. Without torchrun there is no
+# process group: distributed() is False, and every helper below returns its input or does nothing, so a plain
+# `python script.py` computes exactly what it computed before any of this existed.
+
+_alone = False  # True while rank 0 runs an on_rank_0 function by itself: in there it is one process on its own
+
+
+def distributed():
+    """Is this process one of several that torchrun started (and not inside an on_rank_0 function)?"""
+    return dist.is_available() and dist.is_initialized() and not _alone
+
+
+def rank():
+    """This process's number: 0 without torchrun; torchrun's RANK, also before the process group exists."""
+    return dist.get_rank() if distributed() else int(os.environ.get("RANK", 0))
+
+
+def world_size():
+    return dist.get_world_size() if distributed() else 1
+
+
+@contextlib.contextmanager
+def data_parallel(cfg, batch_field, multiple=1):
+    """main()'s second wrapper. Under torchrun: the global batch --batch_field must split into WORLD_SIZE equal
+    shares, each a multiple of `multiple` (one line from rank 0 before any work, if not); then the process group:
+    NCCL with one GPU a process (LOCAL_RANK's) on CUDA, gloo elsewhere; and stdout for rank 0 alone (one log).
+    Without torchrun, or with one process: nothing."""
+    n = int(os.environ.get("WORLD_SIZE", 1))
+    if n == 1:
+        yield
+        return
+    size = getattr(cfg, batch_field)
+    if size % (n * multiple):
+        whole = f", a multiple of {multiple}" if multiple > 1 else ""
+        raise stop(f"error: --{batch_field}={size}: must be a multiple of {n * multiple}, so that each of the {n} "
+                   f"processes torchrun started takes an equal share{whole}")
+    device = pick_device(cfg.device)
+    cuda = device.startswith("cuda")
+    joins = not dist.is_initialized()  # a caller may have joined already (tests/torchrun_driver.py does)
+    if joins:
+        if cuda:
+            torch.cuda.set_device(device)
+        # rank 0 evaluates alone while the others wait for its numbers: a long wait, not a hang
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2),
+                                device_id=torch.device(device) if cuda else None)
+    if rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+    yield
+    if joins:
+        dist.destroy_process_group()
+
+
+class ProcessLost(RuntimeError):
+    """A collective failed: another process has died (gloo: "Connection closed by peer"). main() ends this process
+    quietly; the one that failed has said why."""
+
+
+def _collective(op, *args, **kwargs):
+    try:
+        return op(*args, **kwargs)
+    except RuntimeError as e:
+        raise ProcessLost(str(e).splitlines()[0]) from None
+
+
+def _flat_collective(tensors, op, *args):
+    """op (an all-reduce, a broadcast) on all of tensors at once, flattened into one buffer where the backend wants
+    it (the GPU for NCCL, the CPU for gloo), and copied back: one message, not one per tensor."""
+    where = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flat = torch.cat([t.detach().flatten() for t in tensors]).to(where)
+    _collective(op, flat, *args)
+    with torch.no_grad():
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+
+
+def all_reduce_sum(tensor):
+    """The sum of tensor over all processes (a new tensor); tensor itself without a process group."""
+    if not distributed():
+        return tensor
+    total = tensor.clone()
+    _flat_collective([total], dist.all_reduce)
+    return total
+
+
+def mean_over_processes(numbers):
+    """{name: float} -> the mean of each over the processes, so a logged number means the whole global batch (the
+    shares are equal); the dict itself without a process group."""
+    if not distributed():
+        return numbers
+    total = all_reduce_sum(torch.tensor(list(numbers.values()), dtype=torch.float64))
+    return dict(zip(numbers, (total / world_size()).tolist()))
+
+
+def average_gradients(model):
+    """Each process's gradient is that of the mean loss over its share; their mean over the N processes is the
+    gradient of the global batch's mean loss when each share has as many terms (pretraining's tokens, the pairs of
+    the reward model and DPO), and a mean of the shares' token means otherwise (SFT's and PPO's responses, MLM's
+    masked tokens), as DistributedDataParallel computes it too. Nothing without a process group."""
+    if distributed():
+        grads = [p.grad for p in model.parameters() if p.grad is not None]  # the same parameters in every process
+        _flat_collective(grads, dist.all_reduce)  # the sum over the processes ...
+        for g in grads:
+            g.div_(world_size())  # ... over N: their mean
+
+
+def same_start(model):
+    """Every process takes rank 0's weights (as DistributedDataParallel does when it wraps a model): with the same
+    averaged gradients they then stay equal. Nothing without a process group."""
+    if distributed():
+        _flat_collective(list(model.parameters()), dist.broadcast, 0)
+
+
+def my_share(batch):
+    """This process's rows of a global batch (a tensor, or a list): rank r of N takes the r-th of N equal parts.
+    Every process draws the same global batch (the same seed), so the N shares together are one process's batch.
+    Without a process group: the batch itself."""
+    if not distributed():
+        return batch
+    n = world_size()
+    if len(batch) % n:  # data_parallel checks the run's own batch; this, a stage the chain builds on the way
+        raise ValueError(f"a batch of {len(batch)} does not split into {n} equal shares; build that stage first, "
+                         f"with a batch size that is a multiple of {n}")
+    k = len(batch) // n
+    return batch[rank() * k:(rank() + 1) * k]
+
+
+def barrier():
+    """Wait until every process is here (after rank 0 has written what the others read next)."""
+    if distributed():
+        _collective(dist.barrier)
+
+
+def on_rank_0(fn):
+    """A decorator: fn computed by rank 0 alone and its result sent to every process, the others waiting for it.
+    Evaluation goes through it, so rank 0 samples with one process's seeds and every process gets one process's
+    numbers. Inside fn, rank 0 is one process on its own (distributed() is False), so fn may call any helper here,
+    or another on_rank_0 function. Without a process group: fn itself."""
+    @functools.wraps(fn)
+    def computed_by_rank_0(*args, **kwargs):
+        global _alone
+        if not distributed():
+            return fn(*args, **kwargs)
+        result = [None]
+        if rank() == 0:
+            _alone = True
+            try:
+                result[0] = fn(*args, **kwargs)
+            finally:
+                _alone = False
+        _collective(dist.broadcast_object_list, result, src=0)
+        return result[0]
+    return computed_by_rank_0
+
+
+def stop(message):
+    """The SystemExit of a mistake every process meets alike (a bad flag; a diverged run, since check_finite sees
+    every process's numbers): rank 0 prints its line, the others leave without a word and with status 0, so that
+    torchrun, which ends all processes once one fails, does not end rank 0 before its line is out."""
+    return SystemExit(message if rank() == 0 else 0)
 
 
 def field_docs(cls):
@@ -431,7 +618,7 @@ def flag_type(name, default):
                 raise ValueError
             return text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
         except ValueError:
-            raise SystemExit(f"error: --{name}={text}: must be {TYPE_WORDS[kind]}") from None
+            raise stop(f"error: --{name}={text}: must be {TYPE_WORDS[kind]}") from None
     return convert
 
 
@@ -440,7 +627,7 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         flag = message.split("argument ", 1)[-1].split(":")[0]
-        raise SystemExit(f"error: {flag} needs a value" if "expected one argument" in message else f"error: {message}")
+        raise stop(f"error: {flag} needs a value" if "expected one argument" in message else f"error: {message}")
 
 
 def resolve_preset(preset):
@@ -453,8 +640,9 @@ def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
     per field. `presets` maps a preset name to field overrides (`--preset=auto` picks "medium" when CUDA is
     available, else "small"); explicit flags win over the preset. `check(cfg)` yields the script's (field, ok,
     allowed) rows; the first row that fails ends the program with one line, before any work and before the
-    overrides are printed (unless quiet)."""
+    overrides are printed (unless quiet). Under torchrun, rank 0 alone prints them, and the mistake (stop)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = quiet or rank() > 0
     fields = dataclasses.fields(cls)
     if "-h" in argv or "--help" in argv:
         docs = field_docs(cls)
@@ -468,20 +656,20 @@ def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
     args, rest = parser.parse_known_args(argv)
     if rest:
         if not rest[0].startswith("--"):
-            raise SystemExit(f"error: unexpected argument {rest[0]!r}; flags look like --field=value")
+            raise stop(f"error: unexpected argument {rest[0]!r}; flags look like --field=value")
         valid = ", ".join(f"--{f.name}" for f in fields)
-        raise SystemExit(f"error: unknown flag {rest[0].split('=')[0]}; valid flags: {valid}")
+        raise stop(f"error: unknown flag {rest[0].split('=')[0]}; valid flags: {valid}")
     overrides = vars(args)
     cfg = cls()
     if presets and hasattr(cfg, "preset"):
         preset = resolve_preset(overrides.get("preset", cfg.preset))
         if preset not in presets:
-            raise SystemExit(f"error: --preset={preset}: must be one of auto, {', '.join(presets)}")
+            raise stop(f"error: --preset={preset}: must be one of auto, {', '.join(presets)}")
         cfg = dataclasses.replace(cfg, **presets[preset], preset=preset)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k != "preset"})
     for field, ok, allowed in check(cfg) if check else ():
         if not ok:
-            raise SystemExit(f"error: --{field}={getattr(cfg, field)}: must be {allowed}")
+            raise stop(f"error: --{field}={getattr(cfg, field)}: must be {allowed}")
     if not quiet and hasattr(cfg, "device"):
         announce(cfg)
     for key, value in {} if quiet else overrides.items():
@@ -531,6 +719,8 @@ def writable(path):
 def device_exists(name):
     if name in ("auto", "cpu"):
         return True
+    if name == "mps":
+        return torch.backends.mps.is_available()
     cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
     return bool(cuda) and torch.cuda.is_available() and int(cuda.group(1) or 0) < torch.cuda.device_count()
 
@@ -538,7 +728,7 @@ def device_exists(name):
 def run_fields(cfg):
     """Rows for out_dir, device and seed, which every script has (preset is checked while parse_config applies it)."""
     yield "out_dir", bool(cfg.out_dir) and writable(cfg.out_dir), "a folder we can write in, or make"
-    yield "device", device_exists(cfg.device), "auto, cpu, or cuda[:i] where CUDA has that GPU"
+    yield "device", device_exists(cfg.device), "auto, cpu, mps where Apple's GPU is, or cuda[:i] where CUDA has it"
     if hasattr(cfg, "seed"):
         yield "seed", 0 <= cfg.seed < 2 ** 63, "in [0, 2**63)"
 
@@ -550,24 +740,37 @@ class Diverged(RuntimeError):
 
 
 def check_finite(step, **values):
-    """Raise Diverged ("step 12: loss is nan") when one of the named numbers or tensors holds a nan or inf."""
+    """Raise Diverged ("step 12: loss is nan") when one of the named numbers or tensors holds a nan or inf. Under
+    torchrun each process's first bad number (0 if none) is added up over the processes: every process sees every
+    process's numbers, so all stop at the same step, or none does."""
+    first_bad = {}
     for name, value in values.items():
         value = torch.as_tensor(value).detach()
         bad = value[~torch.isfinite(value)]
-        if len(bad):
-            raise Diverged(f"step {step}: {name} is {bad.flatten()[0].item()}")
+        first_bad[name] = bad.flatten()[0].item() if len(bad) else 0.0
+    if distributed():
+        total = all_reduce_sum(torch.tensor(list(first_bad.values()), dtype=torch.float64))
+        first_bad = dict(zip(first_bad, total.tolist()))
+    for name, value in first_bad.items():
+        if not math.isfinite(value):
+            raise Diverged(f"step {step}: {name} is {value}")
 
 
 @contextlib.contextmanager
 def one_line_errors():
     """main()'s wrapper: what a user can cause (a bad file, a diverged run, a checkpoint to delete, Ctrl-C) ends the
-    program with one line on stderr and a non-zero exit status instead of a traceback."""
+    program with one line on stderr and a non-zero exit status instead of a traceback. Under torchrun the process
+    that fails prints its line (rank 0 alone, for what all processes meet alike), and one whose partner has died
+    ends without a word: torchrun ends them all."""
     try:
         yield
     except Diverged as e:
-        raise SystemExit(f"error: {e}; nothing was written") from None
+        raise stop(f"error: {e}; nothing was written") from None
     except (ValueError, OSError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
+    except ProcessLost:
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
-        print("interrupted; nothing half-written", file=sys.stderr)
+        if rank() == 0:
+            print("interrupted; nothing half-written", file=sys.stderr)
         raise SystemExit(130) from None

@@ -39,6 +39,9 @@ Choices, and where they come from:
     advantage estimators, not objectives. Their advantages are not whitened again (GRPO's already are, per group).
   - --reward=gold trains against the gold human itself: an oracle no real lab has, and the line on the frontier
     that a learned reward model is measured against.
+  - Under torchrun each of N processes rolls out its share of the batch (whole groups for rloo and grpo) with a
+    sampling seed of its own, and splits it into n_minibatches; the whitening, the adaptive controller's KL and
+    check_finite see every process's numbers (model.masked_whiten, mean_over_processes), so all decide alike.
 
 Run:  python ppo.py                  (builds missing earlier stages, then out/ppo/model.pt and metrics.json)
       python ppo.py --kl_coef=0.01 --adaptive_kl=true
@@ -47,6 +50,7 @@ Run:  python ppo.py                  (builds missing earlier stages, then out/pp
       python ppo.py --init=rejection                 (start from reward.py --stage=rejection's model, as LLaMA-2)
 """
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -57,8 +61,9 @@ import torch.nn.functional as F
 import data
 import reward
 import sft
-from model import (autocast, check_finite, interval, load_model, masked_mean, masked_whiten, non_negative, one_of,
-                   one_line_errors, parse_config, pick_device, positive, run_fields, token_logprobs)
+from model import (autocast, check_finite, data_parallel, interval, load_model, masked_mean, masked_whiten,
+                   mean_over_processes, my_share, non_negative, one_of, one_line_errors, parse_config, pick_device,
+                   positive, rank, run_fields, token_logprobs)
 
 
 @dataclass
@@ -68,7 +73,7 @@ class Config:
     preset: str = "auto"
     """small, medium, or auto (medium when CUDA is available): see sft.PRESETS"""
     device: str = "auto"
-    """cpu, cuda, or auto"""
+    """cpu, cuda, mps (Apple's GPU), or auto: CUDA, then MPS, then the CPU"""
     seed: int = 1337
     steps: int = 40
     """PPO iterations: one rollout batch and its optimisation epochs each"""
@@ -314,7 +319,7 @@ def ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen):
     device = batch["ids"].device
     mask = batch["mask"]
     if cfg.advantage == "gae":
-        # 6. advantages and returns by GAE, then whiten the advantages over real tokens
+        # 6. advantages and returns by GAE, then whiten the advantages over real tokens (of every process's batch)
         advantages, returns = compute_gae(batch["rewards"], batch["values"], mask, cfg.gamma, cfg.lam)  # (B, R)
         advantages = masked_whiten(advantages, mask)
     else:
@@ -381,7 +386,7 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
     tiny GPT and a toy reward_fn(ids, attention_mask, P) -> (B,)); missing ones are loaded by start_models.
     RLOO and GRPO use no critic. Returns the final metrics."""
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank())  # under torchrun each process samples rollouts of its own
     policy, ref, critic, reward_fn = start_models(cfg, device, policy, ref, critic, reward_fn)
     policy, ref = policy.to(device).eval(), ref.to(device).requires_grad_(False).eval()
     critic = None if critic is None else critic.to(device).eval()  # None for rloo and grpo
@@ -400,6 +405,7 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
         t0 = time.time()
         group = 1 if cfg.advantage == "gae" else cfg.group_size  # G samples of each prompt, in consecutive rows
         pick = torch.randint(len(prompts), (cfg.batch_size // group,), generator=gen).repeat_interleave(group).tolist()
+        pick = my_share(pick)  # under torchrun this process's rollouts: whole groups (main() checks the batch)
         batch = rollout(policy, ref, critic, reward_fn, [prompt_ids[i] for i in pick], cfg.max_new_tokens,
                         kl_coef, cfg.no_eos_penalty, device)
         check_finite(step, score=batch["raw_scores"], reward=batch["rewards"])
@@ -413,12 +419,14 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
                    non_score_reward=float(batch["non_score_reward"].sum(1).mean()),
                    eos_rate=float(batch["ended"].float().mean()), length=float(batch["mask"].sum(1).float().mean()),
                    **stats, ms=int(1000 * (time.time() - t0)))
+        # under torchrun the mean over the processes' equal shares: the whole batch's numbers, in every process
+        row.update(mean_over_processes({k: v for k, v in row.items() if k not in ("step", "kl_coef", "ms")}))
         history.append(row)
         sft.log(step, **{k: v for k, v in row.items() if k not in ("step", "non_score_reward", "vf_clipfrac")})
         if cfg.sample_every and step % cfg.sample_every == 0:
             print(f"  sample: {texts[0]!r}")
         if cfg.adaptive_kl:
-            kl_coef = update_kl_coef(kl_coef, kl, cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
+            kl_coef = update_kl_coef(kl_coef, row["kl"], cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
 
     metrics, texts, _ = sft.compare_with_sft(policy, ref, eval_prompts, cfg.max_new_tokens, device, cfg.seed,
                                              sft_eval=(sft_eval, sft_texts))
@@ -432,7 +440,9 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
 
 def main():
     cfg = parse_config(Config, presets=PRESETS, check=check)
-    with one_line_errors():
+    group = 1 if cfg.advantage == "gae" else cfg.group_size
+    # under torchrun each process's share of the batch holds whole minibatches and whole groups
+    with one_line_errors(), data_parallel(cfg, "batch_size", math.lcm(cfg.n_minibatches, group)):
         train(cfg)
 
 

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 import data
 import sft
-from model import (ScalarHeadModel, atomic_write, autocast, check_finite, files_or_empty, load_model, non_negative,
-                   one_line_errors, one_of, parse_config, pick_device, positive, run_fields, to_device)
+from model import (ScalarHeadModel, atomic_write, autocast, barrier, check_finite, data_parallel, files_or_empty,
+                   load_model, mean_over_processes, my_share, non_negative, on_rank_0, one_line_errors, one_of,
+                   parse_config, pick_device, positive, rank, run_fields, to_device)
 
 
 @dataclass
@@ -188,14 +189,19 @@ def load_pairs(path):
 
 def label_training_pairs(cfg):
     """The training pairs of stage 'pairs': k SFT samples per training prompt (and their retold twins), labelled
-    by the simulated human, written to out/reward/pairs.jsonl with their record beside it."""
+    by the simulated human, written to out/reward/pairs.jsonl with their record beside it. Under torchrun rank 0
+    samples and writes them while the others wait: the same file at any number of processes."""
     device = pick_device(cfg.device)
-    policy = load_model(sft.ensure_stage("sft", cfg), device)
-    prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", cfg.n_prompts, seed=cfg.seed)]
-    t0 = time.time()
-    pairs, agreement = label_pairs(policy, prompts, cfg.tau, cfg.max_new_tokens, device, cfg.seed, cfg.k, cfg.retell)
-    save_pairs(cfg, pairs)
-    print(f"labelled {len(pairs)} pairs in {time.time() - t0:.0f}s; agreement with gold {agreement:.3f}")
+    sft_path = sft.ensure_stage("sft", cfg)
+    if rank() == 0:
+        policy = load_model(sft_path, device)
+        prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", cfg.n_prompts, seed=cfg.seed)]
+        t0 = time.time()
+        pairs, agreement = label_pairs(policy, prompts, cfg.tau, cfg.max_new_tokens, device, cfg.seed, cfg.k,
+                                       cfg.retell)
+        save_pairs(cfg, pairs)
+        print(f"labelled {len(pairs)} pairs in {time.time() - t0:.0f}s; agreement with gold {agreement:.3f}")
+    barrier()
 
 
 def save_pairs(cfg, pairs):
@@ -294,7 +300,7 @@ def train_reward_model(rm, pairs, cfg, device):
     for step in range(cfg.steps):
         t0 = time.time()
         rm.train()
-        batch = [pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size,), generator=rng)]
+        batch = my_share([pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size,), generator=rng)])
         prompts = [p["prompt"] for p in batch]
         # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
         ids, mask = tokenize_responses(prompts * 2, [p["chosen"] for p in batch] + [p["rejected"] for p in batch])
@@ -305,8 +311,9 @@ def train_reward_model(rm, pairs, cfg, device):
         check_finite(step, loss=loss)
         sft.optimizer_step(rm, optimizer, loss, sft.lr_at(step, cfg.steps, cfg.lr, warmup=10))
         acc = float((chosen_rewards > rejected_rewards).float().mean())
-        history.append({"step": step, "loss": loss.item(), "accuracy": acc})
-        sft.log(step, loss=loss.item(), accuracy=acc, ms=int(1000 * (time.time() - t0)))
+        row = mean_over_processes({"loss": loss.item(), "accuracy": acc})  # the global batch's
+        history.append({"step": step, **row})
+        sft.log(step, **row, ms=int(1000 * (time.time() - t0)))
     return history
 
 
@@ -316,6 +323,7 @@ def pearson(x, y):
     return float((x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-12))
 
 
+@on_rank_0
 def held_out_pairs(policy, cfg, device):
     """(pairs, ceiling): two fresh SFT samples on each of n_eval_pairs held-out prompts, labelled, and how often the
     labels agree with the gold order. The same for every reward model trained against this SFT model and seed."""
@@ -359,25 +367,34 @@ def train(cfg):
     pairs = pairs or load_pairs(sft.ensure_stage("pairs", cfg))
     eval_pairs, ceiling = held_out_pairs(policy, cfg, device)
     print(f"{len(pairs)} training pairs; held-out labels agree with the gold order {ceiling:.3f} (the ceiling)")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank())  # each process its own dropout under torchrun
     rm = ScalarHeadModel.from_gpt(policy).to(device)
     history = train_reward_model(rm, pairs, cfg, device)
+    metrics = evaluate_reward_model(rm, policy, pairs, eval_pairs, ceiling, cfg, device)
+    sft.save_stage(os.path.join(cfg.out_dir, "reward"), rm, {**metrics, "config": asdict(cfg), "history": history},
+                   step=cfg.steps, built_from=sft.record("reward", cfg))
+    return metrics
+
+
+@on_rank_0
+def evaluate_reward_model(rm, policy, pairs, eval_pairs, ceiling, cfg, device):
+    """centre_and_evaluate, the accuracy on training pairs, the best-of-N curve. Under torchrun rank 0 alone,
+    while the others wait for its numbers; its reward model is the one centred, and saved."""
     metrics = centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device)
     # accuracy on a fixed sample of the training pairs, next to the held-out one: under- or over-fitting
     sample = random.Random(cfg.seed).sample(pairs, min(len(pairs), cfg.n_eval_pairs))
     metrics["train_accuracy"] = pairwise_accuracy(rm, sample, device)
     print(f"  accuracy on {len(sample)} training pairs {metrics['train_accuracy']:.3f}")
     metrics["best_of_n"] = best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device)
-    sft.save_stage(os.path.join(cfg.out_dir, "reward"), rm, {**metrics, "config": asdict(cfg), "history": history},
-                   step=cfg.steps, built_from=sft.record("reward", cfg))
     return metrics
 
 
 # ----------------------------------------------------------------------------- best-of-N and rejection sampling
 
+@on_rank_0
 def best_of_n(policy, rm, prompts, n, max_new_tokens, device):
     """For each prompt, n samples from policy and the one the reward model scores highest.
-    Returns (best texts, all texts as a list of n-lists, their RM scores (P, n))."""
+    Returns (best texts, all texts as a list of n-lists, their RM scores (P, n)); under torchrun rank 0's."""
     texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(n)], max_new_tokens, device=device,
                            batch_size=256)
     scores = score_texts(rm, [p for p in prompts for _ in range(n)], texts, device).view(len(prompts), n)  # (P, n)
@@ -415,7 +432,8 @@ def best_of_n_curve(policy, rm, prompts, cfg, device):
 
 
 def rejection_sampling(cfg):
-    """LLaMA-2's rejection sampling: best-of-rs_n SFT samples on training prompts become new SFT data."""
+    """LLaMA-2's rejection sampling: best-of-rs_n SFT samples on training prompts become new SFT data (under
+    torchrun rank 0's samples, the data of one process, which the processes then fine-tune on in shares)."""
     device = pick_device(cfg.device)
     rm = load_model(sft.ensure_stage("reward", cfg), device)
     sft_path = sft.ensure_stage("sft", cfg)
@@ -439,7 +457,7 @@ def rejection_sampling(cfg):
 
 def main():
     cfg = parse_config(Config, presets=PRESETS, check=check)
-    with one_line_errors():
+    with one_line_errors(), data_parallel(cfg, "batch_size"):
         (train if cfg.stage == "reward" else rejection_sampling)(cfg)
 
 

@@ -16,6 +16,7 @@ from, and when an existing output may be reused).
 
 Run:  python sft.py --stage=pretrain [--objective=mlm] [--corpus=my.txt]
       python sft.py [--data=my_demos.jsonl]        (builds out/pretrain first if it is missing)
+      torchrun --standalone --nproc_per_node=4 sft.py    (4 processes, each a quarter of every batch; any script)
 """
 import dataclasses
 import importlib
@@ -31,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (FUSED, GPT, CheckpointError, GPTConfig, atomic_write, autocast, check_finite, deferred_interrupt,
-                   files_or_empty, interval, load_checkpoint, load_model, non_negative, one_line_errors, one_of,
-                   parse_config, pick_device, positive, resolve_preset, run_fields, save_checkpoint, to_device,
-                   token_logprobs)
+from model import (FUSED, GPT, CheckpointError, GPTConfig, atomic_write, autocast, average_gradients, barrier,
+                   check_finite, data_parallel, deferred_interrupt, files_or_empty, interval, load_checkpoint,
+                   load_model, mean_over_processes, my_share, non_negative, on_rank_0, one_line_errors, one_of,
+                   parse_config, pick_device, positive, rank, resolve_preset, run_fields, same_start,
+                   save_checkpoint, to_device, token_logprobs)
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Config:
     preset: str = "auto"
     """small, medium, or auto (medium when CUDA is available): see sft.PRESETS"""
     device: str = "auto"
-    """cpu, cuda, or auto"""
+    """cpu, cuda, mps (Apple's GPU), or auto: CUDA, then MPS, then the CPU"""
     seed: int = 1337
     n_layer: int = 4
     n_head: int = 4
@@ -114,7 +116,7 @@ def check(cfg):
 
 def pretrain(cfg):
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank())  # each process its own dropout; the weights are rank 0's (make_optimizer)
     mlm = cfg.objective == "mlm"
     docs = data.load_corpus(cfg.corpus) if cfg.corpus else data.pretrain_corpus(cfg.n_docs, seed=cfg.seed)
     eot = data.special(data.EOT)
@@ -142,13 +144,14 @@ def pretrain(cfg):
     for step in range(cfg.pretrain_steps):
         t0 = time.time()
         model.train()
-        x, y = batch(train_stream)
+        x, y = map(my_share, batch(train_stream))  # (B/N, T) each: this process's rows of the global batch
         with autocast(device):
             _, loss = forward(x, y)
         check_finite(step, loss=loss)
         optimizer_step(model, optimizer, loss, lr_at(step, cfg.pretrain_steps, cfg.lr))
-        history.append({"step": step, "loss": loss.item()})
-        log(step, loss=loss.item(), ms=int(1000 * (time.time() - t0)))
+        loss_value = mean_over_processes({"loss": loss.item()})["loss"]  # the global batch's
+        history.append({"step": step, "loss": loss_value})
+        log(step, loss=loss_value, ms=int(1000 * (time.time() - t0)))
     model.eval()
     with torch.no_grad(), autocast(device):
         val_loss = sum(model(*batch(val_stream))[1].item() for _ in range(10)) / 10
@@ -163,8 +166,9 @@ def pretrain(cfg):
 # ----------------------------------------------------------------------------- stage 2: SFT
 
 def sft_batch(examples, batch_size, rng, device):
-    """A batch of (ids, labels) pairs, right-padded; padded labels are -1 so they add nothing to the loss."""
-    pick = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=rng)]
+    """A batch of (ids, labels) pairs, right-padded; padded labels are -1 so they add nothing to the loss. Under
+    torchrun, this process's share of it."""
+    pick = my_share([examples[i] for i in torch.randint(len(examples), (batch_size,), generator=rng)])
     ids = data.pad_right([p[0] for p in pick], data.special(data.PAD))  # (B, T)
     labels = data.pad_right([p[1] for p in pick], -1)  # (B, T)
     return to_device(ids, device), to_device(labels, device)
@@ -192,8 +196,9 @@ def finetune(model, examples, steps, lr, cfg, device, tag="sft"):
             loss = sft_loss(logits, labels)
         check_finite(step, **{f"{tag}_loss": loss})
         optimizer_step(model, optimizer, loss, lr_at(step, steps, lr, warmup=10))
-        history.append({"step": step, "loss": loss.item()})
-        log(step, **{f"{tag}_loss": loss.item()}, ms=int(1000 * (time.time() - t0)))
+        loss_value = mean_over_processes({"loss": loss.item()})["loss"]  # the mean of the processes' shares
+        history.append({"step": step, "loss": loss_value})
+        log(step, **{f"{tag}_loss": loss_value}, ms=int(1000 * (time.time() - t0)))
     return history
 
 
@@ -214,7 +219,7 @@ def sft(cfg):
     # the demonstrations first: a bad file of the user's is reported before anything is pretrained
     demos = data.load_sft_jsonl(cfg.data) if cfg.data else data.sft_examples(cfg.n_demos, seed=cfg.seed)
     base = ensure_stage("pretrain", cfg)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank())  # each process its own dropout under torchrun
     model = load_model(base, device)
     train = data.sft_tensors(demos, model.config.block_size)
     val = data.sft_tensors(data.sft_examples(256, seed=99, split="eval"), model.config.block_size)
@@ -242,7 +247,9 @@ def sft(cfg):
 # ----------------------------------------------------------------------------- optimisation, shared by every stage
 
 def make_optimizer(model, lr, weight_decay, device):
-    """AdamW with weight decay on matrices only (nanoGPT); the fused kernel on CUDA (model.FUSED)."""
+    """AdamW with weight decay on matrices only (nanoGPT); the fused kernel on CUDA (model.FUSED). Under torchrun
+    every process starts from rank 0's weights (model.same_start), which the averaged gradients keep equal."""
+    same_start(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -259,10 +266,16 @@ def lr_at(step, steps, lr, warmup=20):
 
 
 def optimizer_step(model, optimizer, loss, lr, clip=1.0):
+    """One AdamW step on loss, its gradient clipped to norm clip. Every stage trains through here, so this is where
+    data parallelism averages the processes' gradients: one explicit all-reduce (model.average_gradients) rather
+    than DistributedDataParallel, whose wrapper would change every call and checkpoint of the model, and whose
+    overlap of communication with the backward pass matters little at these sizes. The clip and the step then see
+    the same gradient in every process."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(model)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     return float(norm)
@@ -276,10 +289,12 @@ def write_metrics(out_dir, metrics):
 def save_stage(out_dir, model, metrics, step, built_from=None):
     """A stage's two files, both or neither: each is written to a temporary file and renamed, Ctrl-C waits until both
     are in place, and model.pt, whose presence tells later stages this one is done, comes last. built_from: the
-    stage's record (record()), kept in both."""
-    with deferred_interrupt():
-        write_metrics(out_dir, {**metrics, "built_from": built_from})
-        save_checkpoint(os.path.join(out_dir, "model.pt"), model, step=step, built_from=built_from)
+    stage's record (record()), kept in both. Under torchrun rank 0 writes them and the others wait until it has."""
+    if rank() == 0:
+        with deferred_interrupt():
+            write_metrics(out_dir, {**metrics, "built_from": built_from})
+            save_checkpoint(os.path.join(out_dir, "model.pt"), model, step=step, built_from=built_from)
+    barrier()
 
 
 def log(step, **fields):
@@ -351,9 +366,11 @@ def win_rate(prompts, responses, baseline):
     return sum(wins) / len(wins)
 
 
+@on_rank_0
 def evaluate(model, prompts, max_new_tokens, device="cpu", ref=None, seed=0):
     """Sample once per held-out prompt and score with the gold human. With ref: the mean sequence KL(pi || ref),
-    estimated on the samples as sum_t log pi(y_t|.) - log ref(y_t|.)."""
+    estimated on the samples as sum_t log pi(y_t|.) - log ref(y_t|.). Under torchrun rank 0 evaluates with this
+    seed and the others wait for its numbers (model.on_rank_0): one process's numbers."""
     torch.manual_seed(seed)
     texts, p_ids, r_ids, ended = sample(model, prompts, max_new_tokens, device=device)
     gold = [data.gold_reward(p, r) for p, r in zip(prompts, texts)]
@@ -527,7 +544,7 @@ def fits_sft_model(cfg):
 
 def main():
     cfg = parse_config(Config, presets=PRESETS, check=check)
-    with one_line_errors():
+    with one_line_errors(), data_parallel(cfg, "pretrain_batch_size" if cfg.stage == "pretrain" else "batch_size"):
         (pretrain if cfg.stage == "pretrain" else sft)(cfg)
 
 

@@ -13,6 +13,9 @@ patterns collect test_*.py and *_test.py files only, and nothing here is named t
   4. one PPO iteration of ppo.rollout + ppo.ppo_step on fresh models at ppo.py's preset sizes, split into
                       rollout (generation), scoring (policy, reference, critic and reward-model forward passes) and
                       update (the PPO epochs), with the peak memory. Skipped if ppo.py is missing.
+  5. N processes      with --processes=N, instead of 1-4: sft.py's pretraining of the medium preset's model as N
+                      torchrun CPU processes (gloo, one thread each) against one process (one thread), the same
+                      global batch of --batch_size windows, the runs taking turns; the ratio of their step times.
 
 On CPU it runs the small shape (the small preset's model) in fp32; on CUDA also GPT-2 small (124M) in bf16 with
 fused AdamW, and --compile wraps both training-step models in torch.compile. The GPT-2 small rows have never been
@@ -23,12 +26,16 @@ by default (--threads).
 
 Run:  python tests/benchmark.py                   (CPU: about a minute)
       python tests/benchmark.py --compile=true    (CUDA)
+      python tests/benchmark.py --processes=2     (2 CPU processes against 1: a few minutes)
 """
 import dataclasses
 import os
+import re
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -45,7 +52,7 @@ from model import GPT, GPTConfig, ScalarHeadModel, autocast, parse_config, pick_
 @dataclass
 class Config:
     preset: str = "auto"
-    """cpu, gpu, or auto (gpu when CUDA is available): which shapes and sizes below"""
+    """small (the CPU's), medium (also GPT-2 small, for a GPU), or auto (medium when CUDA is available)"""
     device: str = "auto"
     """cpu, cuda, or auto"""
     shapes: str = "small"
@@ -71,13 +78,16 @@ class Config:
     threads: int = 1
     """CPU only: torch.set_num_threads. On a small, shared CPU one thread is several times faster for this small
     model (threads that wait for each other's time slices stall every small op); 0 keeps torch's default"""
+    processes: int = 0
+    """N > 1: only section 5, N torchrun CPU processes against one (medians of --repeats runs of each, every run
+    --warmup steps and 8 timed ones)"""
     seed: int = 0
 
 
-PRESETS = {"cpu": {}, "gpu": dict(shapes="small,gpt2", batch_size=16, gen_batch=32, gen_tokens=512, warmup=3,
-                                  repeats=10)}
+PRESETS = {"small": {}, "medium": dict(shapes="small,gpt2", batch_size=16, gen_batch=32, gen_tokens=512, warmup=3,
+                                        repeats=10)}
 
-SHAPES = {"small": dict(n_layer=4, n_head=4, n_embd=128, block_size=192, vocab_size=768),
+SHAPES = {"small": dict(n_layer=4, n_head=4, n_embd=128, block_size=192, vocab_size=data.VOCAB_SIZE),
           "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)}
 
 # dense bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s; the first name contained in the device
@@ -255,7 +265,7 @@ def bench_ppo(gcfg, cfg, device, ppo):
     """ppo.rollout and ppo.ppo_step on freshly initialised models of this shape, with ppo.py's preset sizes.
     rollout = generation (step 1, timed by wrapping the policy's generate) + scoring (steps 2-5: the policy,
     reference, critic and reward-model forward passes); update = ppo_step's epochs of minibatch steps."""
-    preset = "gpu" if str(device).startswith("cuda") else "cpu"
+    preset = "medium" if str(device).startswith("cuda") else "small"
     pcfg = dataclasses.replace(ppo.Config(), **ppo.PRESETS[preset], preset=preset, device=str(device))
     gcfg = GPTConfig(**{**gcfg.__dict__, "block_size": max(gcfg.block_size, 128 + pcfg.max_new_tokens)})
     policy = GPT(gcfg).to(device).eval()
@@ -305,6 +315,30 @@ def bench_ppo(gcfg, cfg, device, ppo):
                 epochs=pcfg.n_epochs, minibatches=pcfg.n_minibatches, memory=max_memory(device))
 
 
+# ----------------------------------------------------------------------------- 5. N processes against one
+
+def bench_processes(cfg):
+    """sft.py --stage=pretrain --preset=medium as cfg.processes torchrun processes and as one plain process, in
+    turns, cfg.repeats runs each. A step's time is the one sft.log prints (rank 0's, the gradients' all-reduce
+    included); the median over every run's steps after the first cfg.warmup. Returns (ms one, ms N, parameters)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = ["--stage=pretrain", "--preset=medium", "--device=cpu", "--n_docs=1000", f"--seed={cfg.seed}",
+             f"--pretrain_steps={cfg.warmup + 8}", f"--pretrain_batch_size={cfg.batch_size}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.processes}"]
+    times = {1: [], cfg.processes: []}
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(cfg.repeats):
+            for n, launch in ((1, [sys.executable]), (cfg.processes, torchrun)):
+                run = subprocess.run([*launch, "sft.py", *flags, f"--out_dir={out}/{n}"], cwd=root, text=True,
+                                     capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                if run.returncode:
+                    raise SystemExit(f"error: {n} process(es): {run.stderr.strip().splitlines()[-1]}")
+                steps = re.findall(r"^step (\d+) \|.* \| ms (\d+)$", run.stdout, re.M)
+                times[n] += [int(ms) for step, ms in steps if int(step) >= cfg.warmup]
+        params = re.search(r"pretraining \(clm\) ([\d.]+M) parameters", run.stdout).group(1)
+    return statistics.median(times[1]), statistics.median(times[cfg.processes]), params
+
+
 # ----------------------------------------------------------------------------- main
 
 def main():
@@ -324,6 +358,16 @@ def main():
     print(f"benchmark on {where}, torch {torch.__version__}, "
           f"{'bf16 autocast, fused AdamW' if str(device).startswith('cuda') else 'fp32'}"
           f"{', torch.compile' if cfg.compile else ''}; medians of {cfg.repeats} after {cfg.warmup} warm-up")
+    if cfg.processes > 1:
+        n, T = cfg.processes, sft.Config().block_size
+        print(f"\n5. sft.py's pretraining step, medium preset (B={cfg.batch_size} windows of {T} tokens, split "
+              f"across the processes), one thread a process; medians of {cfg.repeats} runs of 8 steps each")
+        one, many, params = bench_processes(cfg)
+        row("", "1 process", f"{n} processes")
+        row(f"step ms ({params} params)", f"{one:.0f}", f"{many:.0f}")
+        row("tokens/s", f"{cfg.batch_size * T / one * 1000:,.0f}", f"{cfg.batch_size * T / many * 1000:,.0f}")
+        row(f"speed-up of {n} processes", "", f"{one / many:.2f}x")
+        return
     gcfgs = {s: GPTConfig(**SHAPES[s]) for s in shapes}
     params = {s: GPT(g).num_params() for s, g in gcfgs.items()}
     row("", *(f"{s} ({params[s] / 1e6:.1f}M)" for s in shapes))
