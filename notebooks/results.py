@@ -23,6 +23,7 @@ RECORD = os.path.join(HERE, "figures", "seeds.json")
 README = os.path.join(ROOT, "README.md")
 PAGE = os.path.join(HERE, "RESULTS.md")
 FIGURE = os.path.join(HERE, "figures", "results.png")
+PROCESSES = os.path.join(HERE, "figures", "processes.json")  # tests/benchmark.py --processes=N writes it
 BEGIN, END = "<!-- results: rendered by notebooks/results.py -->", "<!-- /results -->"
 BON_N = 16  # the best-of-N row of the table
 
@@ -79,9 +80,10 @@ def minutes(rows, stages):
 CHAIN = ("pretrain", "sft", "pairs", "reward", "ppo")  # what `python ppo.py` builds from nothing
 
 
-def readme_table(record):
+def readme_table(record, processes=None):
     """The README's table: each method on the small preset (mean and range over its seeds), the medium preset's
-    columns beside them when the record has it, and a line on the seeds, the machine and the time."""
+    columns beside them when the record has it, and a line on the seeds, the machine and the time; with processes
+    (tests/benchmark.py --processes's record), a line on N processes against one."""
     presets = [p for p in ("small", "medium") if record.get(p, {}).get("seeds")]
     head = [f"{name}{', ' + p if len(presets) > 1 else ''}" for p in presets for _, _, name in METRICS]
     lines = [f"| method | {' | '.join(head)} |", "| --- |" + " ---: |" * len(head)]
@@ -101,6 +103,11 @@ def readme_table(record):
                      f"{minutes(rows, CHAIN):.1f} minutes a seed, DPO {minutes(rows, ['dpo']):.1f} and rejection "
                      f"sampling {minutes(rows, ['rejection']):.1f} (runs shared the CPU, so a quiet machine with all "
                      f"its cores is faster).")
+    if processes:
+        lines.append(f"{processes['processes']} CPU processes under torchrun pretrain the medium preset's "
+                     f"{processes['params']}-parameter model {processes['speedup']:.2f} times as fast as one process "
+                     f"(`python tests/benchmark.py --processes={processes['processes']}`, {processes['machine']}, "
+                     f"load average {processes['load']} while it ran).")
     return "\n".join(lines)
 
 
@@ -274,6 +281,14 @@ def collect(out_dir):
     return record
 
 
+def processes_record():
+    """tests/benchmark.py --processes's record, or None before it has run."""
+    if not os.path.exists(PROCESSES):
+        return None
+    with open(PROCESSES) as f:
+        return json.load(f)
+
+
 def main():
     args = sys.argv[1:]
     if args not in ([], ["--update"]):
@@ -289,7 +304,7 @@ def main():
     with open(README) as f:
         readme = f.read()
     with open(README, "w") as f:
-        f.write(with_table(readme, readme_table(record)))
+        f.write(with_table(readme, readme_table(record, processes_record())))
     with open(PAGE, "w") as f:
         f.write(results_page(record))
     write_figure(record)

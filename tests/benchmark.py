@@ -29,6 +29,7 @@ Run:  python tests/benchmark.py                   (CPU: about a minute)
       python tests/benchmark.py --processes=2     (2 CPU processes against 1: a few minutes)
 """
 import dataclasses
+import json
 import os
 import re
 import resource
@@ -46,7 +47,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import sft  # noqa: E402
-from model import GPT, GPTConfig, ScalarHeadModel, autocast, parse_config, pick_device, to_device  # noqa: E402
+from model import (GPT, GPTConfig, ScalarHeadModel, atomic_write, autocast, parse_config, pick_device,  # noqa: E402
+                   to_device)
+
+PROCESSES_RECORD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", "figures",
+                                "processes.json")
 
 
 @dataclass
@@ -367,6 +372,12 @@ def main():
         row(f"step ms ({params} params)", f"{one:.0f}", f"{many:.0f}")
         row("tokens/s", f"{cfg.batch_size * T / one * 1000:,.0f}", f"{cfg.batch_size * T / many * 1000:,.0f}")
         row(f"speed-up of {n} processes", "", f"{one / many:.2f}x")
+        # the README's line on it is rendered from this record by notebooks/results.py, never typed
+        record = dict(processes=n, params=params, ms_one=one, ms_many=many, speedup=one / many,
+                      load=round(os.getloadavg()[0], 1), machine=f"{os.cpu_count()} cores, torch {torch.__version__}")
+        with atomic_write(PROCESSES_RECORD) as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {PROCESSES_RECORD}")
         return
     gcfgs = {s: GPTConfig(**SHAPES[s]) for s in shapes}
     params = {s: GPT(g).num_params() for s, g in gcfgs.items()}
