@@ -21,8 +21,9 @@ out/frontier after retraining an earlier stage).
 
 Departures from a like-for-like comparison, which the reader should keep in mind:
   - PPO, DPO, rejection and SFT are scored on the same eval_prompts held-out prompts, their KL estimated on their
-    own samples (sum_t log pi - log pi_sft); best-of-N comes from reward.py's curve on its first bon_prompts of
-    those prompts, with the analytic KL (an upper bound; Beirami et al. 2024), and has no win rate.
+    own samples (sum_t log pi - log pi_sft); best-of-N comes from reward.py's curve on the same prompts, its
+    first sample the SFT sample (so best-of-1 is the SFT point), with the analytic KL (an upper bound; Beirami
+    et al. 2024) and the gold human's win rate over that SFT sample.
   - The over-optimisation curve uses the rollouts of training prompts (ppo.py's per-step history), not the
     held-out prompts; its KL is the rollout estimate, so early points can sit slightly below zero.
 
