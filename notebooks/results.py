@@ -3,6 +3,7 @@ Every number the README shows, rendered from the runs, never typed. notebooks/se
 preset (out/seeds/<preset>/results.json: each seed's final numbers of every stage); this script
 
   --update   copies them into notebooks/figures/seeds.json, the record shipped with the code (small: no histories)
+  --time     times `python ppo.py` from nothing cached into notebooks/figures/chain_time.json
   (always)   renders from that record: the results table between the README's `results` markers, the full record
              notebooks/RESULTS.md (every seed, every stage, the timings and the checks judged on the worst seed) and
              the figure notebooks/figures/results.png (gold reward against KL, mean and range over seeds)
@@ -15,7 +16,11 @@ Run:  python notebooks/seeds.py && python notebooks/results.py --update
 import glob
 import json
 import os
+import platform
+import subprocess
 import sys
+import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -24,6 +29,7 @@ README = os.path.join(ROOT, "README.md")
 PAGE = os.path.join(HERE, "RESULTS.md")
 FIGURE = os.path.join(HERE, "figures", "results.png")
 PROCESSES = os.path.join(HERE, "figures", "processes.json")  # tests/benchmark.py --processes=N writes it
+CHAIN_TIME = os.path.join(HERE, "figures", "chain_time.json")  # python notebooks/results.py --time writes it
 BEGIN, END = "<!-- results: rendered by notebooks/results.py -->", "<!-- /results -->"
 BON_N = 16  # the best-of-N row of the table
 
@@ -80,7 +86,25 @@ def minutes(rows, stages):
 CHAIN = ("pretrain", "sft", "pairs", "reward", "ppo")  # what `python ppo.py` builds from nothing
 
 
-def readme_table(record, processes=None):
+def time_chain():
+    """`python ppo.py` from nothing cached (the tokenizer aside) in a temporary out_dir, timed as a whole process,
+    with torch's default threads: {"seconds", "machine"}, written to CHAIN_TIME."""
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.time()
+        subprocess.run([sys.executable, "ppo.py", f"--out_dir={out}"], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        seconds = time.time() - t0
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    record = {"seconds": round(seconds, 1), "machine": f"{cpu}, {os.cpu_count()} cores, all threads"}
+    with open(CHAIN_TIME, "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def readme_table(record, processes=None, chain_time=None):
     """The README's table: each method on the small preset (mean and range over its seeds), the medium preset's
     columns beside them when the record has it, and a line on the seeds, the machine and the time; with processes
     (tests/benchmark.py --processes's record), a line on N processes against one."""
@@ -101,8 +125,10 @@ def readme_table(record, processes=None):
                      f"seed{'s' * (len(rows) != 1)} ({', '.join(str(r['seed']) for r in rows)}), each a chain of "
                      f"its own, on {record[p]['machine']}; the chain `python ppo.py` builds took "
                      f"{minutes(rows, CHAIN):.1f} minutes a seed, DPO {minutes(rows, ['dpo']):.1f} and rejection "
-                     f"sampling {minutes(rows, ['rejection']):.1f} (runs shared the CPU, so a quiet machine with all "
-                     f"its cores is faster).")
+                     f"sampling {minutes(rows, ['rejection']):.1f}, on one thread while other runs shared the cores.")
+    if chain_time:
+        lines.append(f"`python ppo.py` from a fresh start took {chain_time['seconds'] / 60:.1f} minutes on "
+                     f"{chain_time['machine']}, nothing else running (`python notebooks/results.py --time`).")
     if processes:
         lines.append(f"{processes['processes']} CPU processes under torchrun pretrain the medium preset's "
                      f"{processes['params']}-parameter model {processes['speedup']:.2f} times as fast as one process "
@@ -281,19 +307,22 @@ def collect(out_dir):
     return record
 
 
-def processes_record():
-    """tests/benchmark.py --processes's record, or None before it has run."""
-    if not os.path.exists(PROCESSES):
+def optional_record(path):
+    """A record another command writes (CHAIN_TIME, PROCESSES), or None before it has run."""
+    if not os.path.exists(path):
         return None
-    with open(PROCESSES) as f:
+    with open(path) as f:
         return json.load(f)
 
 
 def main():
     args = sys.argv[1:]
-    if args not in ([], ["--update"]):
-        sys.exit("usage: python notebooks/results.py [--update]   (--update: copy out/seeds/*/results.json first)")
-    if args:
+    if args not in ([], ["--update"], ["--time"]):
+        sys.exit("usage: python notebooks/results.py [--update | --time]   (--update: copy out/seeds/*/results.json "
+                 "first; --time: time python ppo.py from nothing first)")
+    if args == ["--time"]:
+        print(f"python ppo.py: {time_chain()['seconds']:.0f} s")
+    if args == ["--update"]:
         record = collect(os.path.join(ROOT, "out"))
         if "small" not in record:
             sys.exit("error: no out/seeds/small/results.json; run python notebooks/seeds.py first")
@@ -304,7 +333,7 @@ def main():
     with open(README) as f:
         readme = f.read()
     with open(README, "w") as f:
-        f.write(with_table(readme, readme_table(record, processes_record())))
+        f.write(with_table(readme, readme_table(record, optional_record(PROCESSES), optional_record(CHAIN_TIME))))
     with open(PAGE, "w") as f:
         f.write(results_page(record))
     write_figure(record)
