@@ -86,6 +86,15 @@ def minutes(rows, stages):
 CHAIN = ("pretrain", "sft", "pairs", "reward", "ppo")  # what `python ppo.py` builds from nothing
 
 
+def cpu_model():
+    """The CPU in words, from /proc/cpuinfo where there is one."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return cpu
+
+
 def time_chain():
     """`python ppo.py` from nothing cached (the tokenizer aside) in a temporary out_dir, timed as a whole process,
     with torch's default threads: {"seconds", "machine"}, written to CHAIN_TIME."""
@@ -94,11 +103,7 @@ def time_chain():
         subprocess.run([sys.executable, "ppo.py", f"--out_dir={out}"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         seconds = time.time() - t0
-    cpu = platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    record = {"seconds": round(seconds, 1), "machine": f"{cpu}, {os.cpu_count()} cores, all threads"}
+    record = {"seconds": round(seconds, 1), "machine": f"{cpu_model()}, {os.cpu_count()} cores, all threads"}
     with open(CHAIN_TIME, "w") as f:
         json.dump(record, f, indent=1)
     return record

@@ -14,7 +14,6 @@ Run:  python notebooks/seeds.py [--seeds=1337,3,4] [--preset=small] [--threads=1
 """
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -28,6 +27,7 @@ import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
 from frontier import names, run_experiment, timed_run  # noqa: E402
+from results import cpu_model  # noqa: E402
 from model import atomic_write, parse_config, pick_device, resolve_preset, run_fields  # noqa: E402
 
 
@@ -70,11 +70,7 @@ def seed_list(text):
 
 def machine():
     """The machine in words: CPU model, cores, torch version and threads."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}"
 
 
 FIELDS = ("gold_reward", "gold_reward_sft", "follow_rate", "follow_rate_sft", "kl", "win_rate_vs_sft")
