@@ -455,8 +455,9 @@ def pad_left(seqs, value):
 
 # ----------------------------------------------------------------------------- the user's own files
 
-def load_jsonl(path, keys):
-    """Records from a JSONL file, each an object with string values for keys; errors name the file and line."""
+def load_jsonl(path, keys, numbers=()):
+    """Records from a JSONL file, each an object with string values for keys (and, where present, a number >= 0 for
+    each of numbers); errors name the file and line."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     records = []
@@ -479,6 +480,10 @@ def load_jsonl(path, keys):
                     raise ValueError(f"{path}:{lineno}: missing key {k!r} (each line needs {', '.join(keys)})")
                 if not isinstance(rec[k], str):
                     raise ValueError(f"{path}:{lineno}: {k!r} must be a string, got {type(rec[k]).__name__}")
+            for k in numbers:
+                v = rec.get(k, 0)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                    raise ValueError(f"{path}:{lineno}: {k!r} must be a number >= 0, got {v!r}")
             records.append(rec)
     if not records:
         raise ValueError(f"{path}: no records")

@@ -2,7 +2,9 @@
 Stage 3a: preference data, the reward model, best-of-N, and rejection-sampling fine-tuning.
 
   labeller     P(a > b) = sigmoid((g(a) - g(b)) / tau)       g = data.gold_reward: noisy, like human labellers
-  reward model L = -log sigmoid(r(x, y_w) - r(x, y_l))       Bradley-Terry (Ouyang et al. 2022, eq. 1)
+  reward model L = -log sigmoid(r(x, y_w) - r(x, y_l) - m)   Bradley-Terry (Ouyang et al. 2022, eq. 1); m = 0
+                                                             unless a pair has LLaMA-2's margin (Touvron et al. 2023,
+                                                             eq. 2): how much better the labeller said y_w is
   best-of-N    y* = argmax_{y_1..y_N ~ pi_sft} r(x, y),   KL(pi_bon || pi_sft) = log N - (N - 1) / N
   rejection    fine-tune pi_sft on best-of-N samples of training prompts (Touvron et al. 2023, LLaMA-2 3.2.3)
 
@@ -110,10 +112,11 @@ def bt_label(gold_a, gold_b, tau, rng):
     return rng.random() < p_a
 
 
-def preference_loss(chosen_rewards, rejected_rewards):
-    """Bradley-Terry: mean of -log sigmoid(r_w - r_l) over the batch. chosen/rejected_rewards: (B,)."""
-    # -log sigmoid(r_w - r_l), with logsigmoid for numerical stability
-    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+def preference_loss(chosen_rewards, rejected_rewards, margins=0.0):
+    """Bradley-Terry: mean of -log sigmoid(r_w - r_l - m) over the batch. chosen/rejected_rewards: (B,); margins m:
+    (B,) or a number, 0 for a plain preference (LLaMA-2: larger for "significantly better" than "slightly")."""
+    # -log sigmoid(r_w - r_l - m), with logsigmoid for numerical stability
+    return -F.logsigmoid(chosen_rewards - rejected_rewards - margins).mean()
 
 
 def rm_scores(rm, ids, attention_mask):
@@ -183,8 +186,9 @@ def label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k=2, retell=
 
 
 def load_pairs(path):
-    """A user's (or our) preference pairs: JSONL {"prompt", "chosen", "rejected"}; errors name the line."""
-    return data.load_jsonl(path, ("prompt", "chosen", "rejected"))
+    """A user's (or our) preference pairs: JSONL {"prompt", "chosen", "rejected"} and optionally "margin", LLaMA-2's
+    m >= 0 of how much better chosen is (preference_loss); errors name the line."""
+    return data.load_jsonl(path, ("prompt", "chosen", "rejected"), numbers=("margin",))
 
 
 def label_training_pairs(cfg):
@@ -307,7 +311,8 @@ def train_reward_model(rm, pairs, cfg, device):
         with autocast(device):
             scores = rm_scores(rm, to_device(ids, device), to_device(mask, device))  # (2B,)
         chosen_rewards, rejected_rewards = scores.float().chunk(2)  # (B,), (B,)
-        loss = preference_loss(chosen_rewards, rejected_rewards)
+        margins = torch.tensor([float(p.get("margin", 0.0)) for p in batch], device=scores.device)  # (B,) 0 if none
+        loss = preference_loss(chosen_rewards, rejected_rewards, margins)
         check_finite(step, loss=loss)
         sft.optimizer_step(rm, optimizer, loss, sft.lr_at(step, cfg.steps, cfg.lr, warmup=10))
         acc = float((chosen_rewards > rejected_rewards).float().mean())

@@ -30,6 +30,7 @@ PAGE = os.path.join(HERE, "RESULTS.md")
 FIGURE = os.path.join(HERE, "figures", "results.png")
 PROCESSES = os.path.join(HERE, "figures", "processes.json")  # tests/benchmark.py --processes=N writes it
 CHAIN_TIME = os.path.join(HERE, "figures", "chain_time.json")  # python notebooks/results.py --time writes it
+LEVERS = os.path.join(HERE, "figures", "rm_levers.json")  # notebooks/rm_levers.py's results, copied by --update
 BEGIN, END = "<!-- results: rendered by notebooks/results.py -->", "<!-- /results -->"
 BON_N = 16  # the best-of-N row of the table
 
@@ -206,8 +207,9 @@ def method_columns(key):
             ("KL (nats)", get("kl"), ".3f"), ("win rate vs SFT", get("win_rate_vs_sft"), ".3f")]
 
 
-def results_page(record):
-    """notebooks/RESULTS.md: the full record behind the README's table."""
+def results_page(record, levers=None):
+    """notebooks/RESULTS.md: the full record behind the README's table; with levers (notebooks/rm_levers.py's
+    results), a section on them."""
     out = ["# Results, rendered from the runs", "",
            "Rendered by `python notebooks/results.py` from `notebooks/figures/seeds.json`, which "
            "`python notebooks/seeds.py` writes (each seed a whole chain of its own: pretraining, SFT, pairs, reward "
@@ -254,7 +256,39 @@ def results_page(record):
         out += ["### Time per stage (seconds, on the machine above)", "",
                 per_seed_table(rows, [(s, (lambda s: lambda r: r["seconds"].get(s))(s), ".0f") for s in stages]), ""]
         out += ["### The InstructGPT claim, judged on the worst seed", "", checks_table(rows), ""]
+    if levers:
+        out.append(levers_section(levers))
     return "\n".join(out)
+
+
+def levers_table(results):
+    """notebooks/rm_levers.py's table, one row per lever: the mean and the worst seed of the gap and of the drop
+    share, the training-pair and held-out accuracies, the seconds of training."""
+    lines = ["| reward model | seeds | gap to ceiling, points: mean (worst) | drop / gold's: mean (worst) | "
+             "training-pair accuracy | held-out expected accuracy | seconds a seed |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    variants = list(dict.fromkeys(r["variant"] for r in results["rows"]))
+    for v in variants:
+        rows = [r for r in results["rows"] if r["variant"] == v]
+        mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+        shares = [r["drop_share"] for r in rows if r["drop_share"] is not None]  # None: the gold human tied them all
+        share = f"{sum(shares) / len(shares):.2f} ({min(shares):.2f})" if shares else "-"
+        lines.append(f"| {v} | {len(rows)} | {mean('gap'):.1f} ({max(r['gap'] for r in rows):.1f}) | {share} | "
+                     f"{mean('train_accuracy'):.3f} | {mean('heldout_accuracy_expected'):.3f} | "
+                     f"{'-' if None in [r['seconds'] for r in rows] else format(mean('seconds'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def levers_section(levers):
+    """RESULTS.md's section on notebooks/rm_levers.py: reward models trained otherwise on the seeds' own chains."""
+    seeds = sorted({r["seed"] for r in levers["rows"]})
+    return "\n".join(["## Reward-model levers, on the seeds' own chains", "",
+                      f"`python notebooks/rm_levers.py` (the {levers['preset']} preset; seeds "
+                      f"{', '.join(map(str, seeds))}): each lever is one reward model a seed, trained on that seed's "
+                      "SFT model and pairs and measured on its held-out pairs as reward.py measures it; `recipe` is "
+                      "the chain's own reward model, as in the table above. The bounds: a gap of at most 8 points "
+                      "and a drop share of at least 0.60, on every seed. `seconds a seed`: the training alone, on "
+                      "one thread while another run shared the cores.", "", levers_table(levers), ""])
 
 
 # ----------------------------------------------------------------------------- the figure
@@ -333,6 +367,10 @@ def main():
             sys.exit("error: no out/seeds/small/results.json; run python notebooks/seeds.py first")
         with open(RECORD, "w") as f:
             json.dump(record, f, indent=1)
+        levers = optional_record(os.path.join(ROOT, "out", "rm_levers", "results.json"))
+        if levers:
+            with open(LEVERS, "w") as f:
+                json.dump(levers, f, indent=1)
     with open(RECORD) as f:
         record = json.load(f)
     with open(README) as f:
@@ -340,7 +378,7 @@ def main():
     with open(README, "w") as f:
         f.write(with_table(readme, readme_table(record, optional_record(PROCESSES), optional_record(CHAIN_TIME))))
     with open(PAGE, "w") as f:
-        f.write(results_page(record))
+        f.write(results_page(record, optional_record(LEVERS)))
     write_figure(record)
     print(f"rendered {README}, {PAGE} and {FIGURE} from {RECORD}")
 

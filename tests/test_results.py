@@ -29,7 +29,8 @@ def test_readme_table_is_rendered_from_the_shipped_record(record):
 
 def test_results_page_is_rendered_from_the_shipped_record(record):
     with open(results.PAGE) as f:
-        assert f.read() == results.results_page(record), "run python notebooks/results.py"
+        assert f.read() == results.results_page(record, results.optional_record(results.LEVERS)), \
+            "run python notebooks/results.py"
 
 
 def test_the_record_has_three_seeds_of_every_method(record):
@@ -74,3 +75,17 @@ def test_sft_is_scored_as_ppo_scores_it():
 def test_missing_markers_are_one_clear_error():
     with pytest.raises(ValueError, match="markers"):
         results.with_table("# a README without them\n", "| table |")
+
+
+def test_levers_table_hand_worked():
+    # two seeds of one lever: the mean, the worst seed (the largest gap, the smallest drop share); the recipe's row
+    # has no seconds of its own
+    rows = [dict(seed=1, variant="recipe", gap=10.0, drop_share=0.5, train_accuracy=0.7, heldout_accuracy_expected=0.7,
+                 seconds=None),
+            dict(seed=1, variant="steps=2", gap=6.0, drop_share=0.8, train_accuracy=0.8, heldout_accuracy_expected=0.8,
+                 seconds=10),
+            dict(seed=2, variant="steps=2", gap=9.0, drop_share=0.6, train_accuracy=0.9, heldout_accuracy_expected=0.7,
+                 seconds=20)]
+    table = results.levers_table({"preset": "small", "rows": rows}).splitlines()
+    assert table[2] == "| recipe | 1 | 10.0 (10.0) | 0.50 (0.50) | 0.700 | 0.700 | - |"
+    assert table[3] == "| steps=2 | 2 | 7.5 (9.0) | 0.70 (0.60) | 0.850 | 0.750 | 15 |"

@@ -56,6 +56,32 @@ def test_preference_loss_and_gradient_hand_worked():
     assert math.isclose(reward.preference_loss(torch.tensor([0.0]), torch.tensor([1000.0])).item(), 1000.0)
 
 
+def test_margin_loss_hand_worked():
+    # LLaMA-2's margin: -log sigmoid(r_w - r_l - m). d = 1, m = 1: log 2; d = 1, m = 0: the plain loss, bit for bit
+    chosen, rejected = torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0])
+    assert math.isclose(reward.preference_loss(chosen, rejected, torch.tensor([1.0, 1.0])).item(), math.log(2),
+                        rel_tol=1e-6)
+    plain = reward.preference_loss(chosen, rejected)
+    assert torch.equal(reward.preference_loss(chosen, rejected, torch.zeros(2)), plain)
+    # a margin asks for a larger gap: at the same d the loss (and the push on r_w) grows with m
+    losses = [reward.preference_loss(chosen, rejected, m).item() for m in (0.0, 1 / 3, 2 / 3, 1.0)]
+    assert losses == sorted(losses) and losses[0] < losses[-1]
+
+
+def test_train_reward_model_reads_the_pairs_margins():
+    # a margin of 0 on every pair is the plain loss: the same reward model, bit for bit; a margin of 1 is not
+    pairs = happy_pairs(8, seed=0)
+    cfg = reward.Config(steps=3, batch_size=4, lr=1e-3)
+    trained = []
+    for margin in (None, 0.0, 1.0):
+        rm = tiny_rm()
+        history = reward.train_reward_model(rm, [p if margin is None else {**p, "margin": margin} for p in pairs],
+                                            cfg, "cpu")
+        trained.append((history[-1]["loss"], rm.head.weight.detach().clone()))
+    assert trained[0][0] == trained[1][0] and torch.equal(trained[0][1], trained[1][1])
+    assert trained[2][0] > trained[0][0]
+
+
 def test_bt_label_rate_matches_sigmoid():
     rng, n = random.Random(0), 4000
     for tau in (0.25, 0.5, 1.0):
@@ -262,6 +288,8 @@ def test_pairs_stage_uses_the_reward_config_it_is_given(tmp_path, monkeypatch):
     ('{"prompt": "p", "chosen": "c"}', "missing key 'rejected'"),
     ('{"prompt": "p", "chosen": 5, "rejected": "r"}', "'chosen' must be a string"),
     ('["p", "c", "r"]', "expected a JSON object"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r", "margin": -1}', "'margin' must be a number >= 0, got -1"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r", "margin": "big"}', "'margin' must be a number >= 0"),
 ])
 def test_load_pairs_errors_name_the_line(tmp_path, bad, message):
     good = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
