@@ -16,6 +16,10 @@ patterns collect test_*.py and *_test.py files only, and nothing here is named t
   5. N processes      with --processes=N, instead of 1-4: sft.py's pretraining of the medium preset's model as N
                       torchrun CPU processes (gloo, one thread each) against one process (one thread), the same
                       global batch of --batch_size windows, the runs taking turns; the ratio of their step times.
+  6. bf16 on the CPU  with --cpu_bf16=true, instead of 1-4: the small model's pretraining step and its cached
+                      generation under torch.autocast("cpu", bfloat16) against fp32, taking turns; the ratio says
+                      what the CPU's bf16 units (avx512_bf16, amx_bf16 in /proc/cpuinfo) would buy the chain, which
+                      runs in fp32 on the CPU (model.AUTOCAST).
 
 On CPU it runs the small shape (the small preset's model) in fp32; on CUDA also GPT-2 small (124M) in bf16 with
 fused AdamW, and --compile wraps both training-step models in torch.compile. The GPT-2 small rows have never been
@@ -27,7 +31,9 @@ by default (--threads).
 Run:  python tests/benchmark.py                   (CPU: about a minute)
       python tests/benchmark.py --compile=true    (CUDA)
       python tests/benchmark.py --processes=2     (2 CPU processes against 1: a few minutes)
+      python tests/benchmark.py --cpu_bf16=true   (bf16 autocast against fp32 on the CPU: a minute)
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -86,6 +92,8 @@ class Config:
     processes: int = 0
     """N > 1: only section 5, N torchrun CPU processes against one (medians of --repeats runs of each, every run
     --warmup steps and 8 timed ones)"""
+    cpu_bf16: bool = False
+    """only section 6: bf16 autocast against fp32 on the CPU, the small model's training step and generation"""
     seed: int = 0
 
 
@@ -264,6 +272,46 @@ def bench_train_step(gcfg, cfg, device):
     return dict(ours_ms=1000 * t_ours, ref_ms=1000 * t_ref, ratio=t_ours / t_ref, max_logit_diff=diff)
 
 
+# ----------------------------------------------------------------------------- 6. bf16 autocast on the CPU
+
+def cpu_bf16_units():
+    """The CPU's bf16 instructions named in /proc/cpuinfo's flags (none listed: bf16 runs emulated, slowly)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return []
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+
+
+def bench_cpu_bf16(gcfg, cfg):
+    """{fp32 and bf16 ms of a pretraining step, of a cached generation}: the same model and batch, taking turns."""
+    model = GPT(gcfg)
+    optimizer = sft.make_optimizer(model, 1e-4, 0.1, "cpu")
+    x = torch.randint(gcfg.vocab_size, (cfg.batch_size, gcfg.block_size))  # (B, T)
+    prompts = torch.randint(gcfg.vocab_size, (cfg.gen_batch, cfg.prompt_len))  # (B, P)
+    new = min(cfg.gen_tokens, gcfg.block_size - cfg.prompt_len)
+
+    def under(dtype, fn):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext():
+                fn()
+        return run
+
+    def step():
+        _, loss = model(x, x)
+        sft.optimizer_step(model, optimizer, loss, 1e-4)
+
+    def generate():
+        with torch.no_grad():
+            model.generate(prompts, new, temperature=1.0)
+
+    out = {}
+    for name, fn in (("step", step), ("generate", generate)):
+        fp32, bf16 = median_times([under("fp32", fn), under("bf16", fn)], "cpu", cfg.warmup, cfg.repeats)
+        out[name] = (1000 * fp32, 1000 * bf16)
+    return out
+
+
 # ----------------------------------------------------------------------------- 4. one PPO iteration
 
 def bench_ppo(gcfg, cfg, device, ppo):
@@ -378,6 +426,15 @@ def main():
         with atomic_write(PROCESSES_RECORD) as f:
             json.dump(record, f, indent=1)
         print(f"wrote {PROCESSES_RECORD}")
+        return
+    if cfg.cpu_bf16:
+        units = cpu_bf16_units()
+        print(f"\n6. bf16 autocast against fp32 on the CPU, the small model (B={cfg.batch_size} windows; generation "
+              f"B={cfg.gen_batch}, cached); bf16 units: {', '.join(units) or 'none listed in /proc/cpuinfo'}")
+        res = bench_cpu_bf16(GPTConfig(**SHAPES["small"]), cfg)
+        row("", "fp32 ms", "bf16 ms", "fp32 / bf16")
+        for name, (fp32, bf16) in res.items():
+            row(name, f"{fp32:.0f}", f"{bf16:.0f}", f"{fp32 / bf16:.2f}x")
         return
     gcfgs = {s: GPTConfig(**SHAPES[s]) for s in shapes}
     params = {s: GPT(g).num_params() for s, g in gcfgs.items()}
