@@ -20,7 +20,6 @@ Shapes: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head size (C
         P prompt length, R response length.
 """
 import argparse
-import ast
 import contextlib
 import dataclasses
 import datetime
@@ -31,7 +30,6 @@ import os
 import re
 import signal
 import sys
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -324,15 +322,16 @@ def atomic_write(path, mode="w"):
 @contextlib.contextmanager
 def deferred_interrupt():
     """Ctrl-C inside the block takes effect when the block ends, so the files it writes land together or not at all."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    caught, main_thread = [], True
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # only the main thread receives signals and may set their handlers: nothing to defer
+        main_thread = False
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
 
@@ -593,17 +592,6 @@ def stop(message):
     return SystemExit(message if rank() == 0 else 0)
 
 
-def field_docs(cls):
-    """The docstring written under each dataclass field, for --help."""
-    docs, prev = {}, None
-    for node in ast.parse(inspect.getsource(cls)).body[0].body:
-        if isinstance(node, ast.AnnAssign):
-            prev = node.target.id
-        elif prev and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[prev], prev = node.value.value, None
-    return docs
-
-
 TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
 
 
@@ -644,11 +632,9 @@ def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = quiet or rank() > 0
     fields = dataclasses.fields(cls)
-    if "-h" in argv or "--help" in argv:
-        docs = field_docs(cls)
-        print(f"usage: python {os.path.basename(sys.argv[0])} [--field=value ...]\n")
-        for f in fields:
-            print(f"  --{f.name}={f.default!r}\n      {docs.get(f.name, '')}")
+    if "-h" in argv or "--help" in argv:  # the Config itself is the help: each field, its default, its docstring
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--field=value ...], the fields of\n\n"
+              f"{inspect.getsource(cls)}" + (f"\npresets (--preset=auto: medium on CUDA): {presets}" if presets else ""))
         raise SystemExit(0)
     parser = OneLineParser(add_help=False, allow_abbrev=False)
     for f in fields:  # only the flags given land in the namespace: the rest keep the preset's or the default

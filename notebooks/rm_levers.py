@@ -13,6 +13,8 @@ reward.py measures it, on the same held-out pairs. The row `recipe` is each seed
   margin=small      LLaMA-2's margin loss -log sigmoid(r_w - r_l - m(grade)) (Touvron et al. 2023, eq. 2), the
   margin=large      labeller's grade of each preference mapped to m as in their appendix A.3.3: small (0, 1/3, 2/3,
                     1), large (0, 1, 2, 3) for negligibly, slightly, clearly, significantly better
+  tau=0.25          a less noisy labeller: the training pairs relabelled by reward.bt_label at this tau, the
+                    held-out pairs labelled afresh with it (so the ceiling moves too)
   lr=2e-3           any other field of reward.Config, as --field=value would set it
 
 The graded labeller: the simulated human perceives z = g(a) - g(b) + tau * eps, eps ~ Logistic(0, 1), and prefers
@@ -108,6 +110,17 @@ def graded(pairs, tau, levels, seed):
     return out
 
 
+def relabelled(pairs, tau, seed):
+    """The pairs labelled again by the simulated human at temperature tau (each pair's two responses, in their
+    stored order, are a and b of reward.bt_label)."""
+    rng, out = random.Random(seed), []
+    for p in pairs:
+        a, b = p["chosen"], p["rejected"]
+        keep = reward.bt_label(data.gold_reward(p["prompt"], a), data.gold_reward(p["prompt"], b), tau, rng)
+        out.append({**p, "chosen": a if keep else b, "rejected": b if keep else a})
+    return out
+
+
 def row(seed, name, rm):
     swap = rm["prompt_swap"]
     return dict(seed=seed, variant=name, gap=100 * (rm["label_ceiling_expected"] - rm["heldout_accuracy_expected"]),
@@ -125,11 +138,13 @@ def lever(folder, seed, variant, cfg, device, held_out):
                         reward.PRESETS, reward.check, quiet=True)
     policy = load_model(sft.output_path("sft", folder), device)
     pairs = reward.load_pairs(sft.output_path("pairs", folder))
+    if "tau" in variant:
+        pairs = relabelled(pairs, rcfg.tau, seed)
     if "margin" in variant:
         pairs = graded(pairs, rcfg.tau, MARGINS[variant["margin"]], seed)
-    if seed not in held_out:  # the pairs the chain's reward model was measured on
-        held_out[seed] = reward.held_out_pairs(policy, rcfg, device)
-    eval_pairs, ceiling = held_out[seed]
+    if (seed, rcfg.tau) not in held_out:  # the pairs the chain's reward model was measured on (at its tau)
+        held_out[seed, rcfg.tau] = reward.held_out_pairs(policy, rcfg, device)
+    eval_pairs, ceiling = held_out[seed, rcfg.tau]
     torch.manual_seed(rcfg.seed)  # as reward.train seeds the reward model's training
     rm = ScalarHeadModel.from_gpt(policy).to(device)
     t0 = time.time()

@@ -46,6 +46,14 @@ def test_grades_match_a_naive_graded_labeller():
             assert abs(ours.count(grade) / n - p) < 5 * math.sqrt(p * (1 - p) / n) + 2e-3, (gap, grade)
 
 
+def test_relabelled_at_a_tiny_tau_follows_the_gold_order():
+    # tau -> 0: the labeller always prefers the response the gold human scores higher, whatever the stored order
+    prompt = data.alpaca_prompt(*data.tasks("train", 1, seed=0)[0])
+    good, bad = "Tom the cat went to the park. The end.", "Tom the cat went to the park."
+    pairs = [{"prompt": prompt, "chosen": bad, "rejected": good}, {"prompt": prompt, "chosen": good, "rejected": bad}]
+    assert all(p["chosen"] == good for p in rm_levers.relabelled(pairs, 1e-3, seed=0))
+
+
 def test_parse_variant():
     assert rm_levers.parse_variant("margin=small, steps=2560") == {"margin": "small", "steps": 2560}
     assert rm_levers.parse_variant("lr=2e-3") == {"lr": 2e-3}

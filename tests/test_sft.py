@@ -207,7 +207,9 @@ def test_help_shows_the_field_docstrings(capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(sft.Config, ["--help"], sft.PRESETS)
     assert e.value.code == 0
-    assert "--n_docs=20000\n      stories in the generated pretraining corpus" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the Config's own source: every field with its default and its docstring
+    assert 'n_docs: int = 20000\n    """stories in the generated pretraining corpus"""' in out
+    assert "'medium': {'n_layer': 6" in out  # and the presets
 
 
 def test_cli_rejects_unknown_flag():
