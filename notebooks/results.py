@@ -127,11 +127,14 @@ def readme_table(record, processes=None, chain_time=None):
             lines.append(f"The {p} preset has no seed in this record yet: `python notebooks/seeds.py --preset={p}` "
                          f"adds its columns.")
             continue
+        others = [f"{name} {minutes(rows, [key]):.1f}" for key, name in (("dpo", "DPO"), ("rejection", "rejection "
+                  "sampling"), ("oracle", "PPO on the gold human")) if all(key in r["seconds"] for r in rows)]
+        missing = [name for key, name in METHODS if not column(record, p, key, "gold_reward")]
         lines.append(f"{p}: {'mean (worst to best) over ' if len(rows) > 1 else ''}{len(rows)} "
                      f"seed{'s' * (len(rows) != 1)} ({', '.join(str(r['seed']) for r in rows)}), each a chain of "
                      f"its own, on {record[p]['machine']}; the chain `python ppo.py` builds took "
-                     f"{minutes(rows, CHAIN):.1f} minutes a seed, DPO {minutes(rows, ['dpo']):.1f} and rejection "
-                     f"sampling {minutes(rows, ['rejection']):.1f}, on one thread while other runs shared the cores.")
+                     f"{minutes(rows, CHAIN):.1f} minutes a seed, {', '.join(others)}, on one thread while other "
+                     f"runs shared the cores" + (f" ({', '.join(missing)}: not run on this preset)." if missing else "."))
     if chain_time:
         lines.append(f"`python ppo.py` from a fresh start took {chain_time['seconds'] / 60:.1f} minutes on "
                      f"{chain_time['machine']}, nothing else running (`python notebooks/results.py --time`).")
