@@ -131,8 +131,9 @@ def readme_table(record, processes=None, chain_time=None):
                   "sampling"), ("oracle", "PPO on the gold human")) if all(key in r["seconds"] for r in rows)]
         missing = [name for key, name in METHODS if not column(record, p, key, "gold_reward")]
         lines.append(f"{p}: {'mean (worst to best) over ' if len(rows) > 1 else ''}{len(rows)} "
-                     f"seed{'s' * (len(rows) != 1)} ({', '.join(str(r['seed']) for r in rows)}), each a chain of "
-                     f"its own, on {record[p]['machine']}; the chain `python ppo.py` builds took "
+                     f"seed{'s' * (len(rows) != 1)} ({', '.join(str(r['seed']) for r in rows)}), "
+                     f"{'each ' if len(rows) > 1 else ''}a chain of its own, on {record[p]['machine']}; the chain "
+                     f"`python ppo.py` builds took "
                      f"{minutes(rows, CHAIN):.1f} minutes a seed, {', '.join(others)}, on one thread while other "
                      f"runs shared the cores" + (f" ({', '.join(missing)}: not run on this preset)." if missing else "."))
     if chain_time:
@@ -149,12 +150,13 @@ def readme_table(record, processes=None, chain_time=None):
 # ----------------------------------------------------------------------------- the full record
 
 def per_seed_table(rows, columns):
-    """A markdown table, one line per seed and a mean/min/max footer. columns: (header, function of a row, spec)."""
+    """A markdown table, one line per seed and, for several seeds, a mean/min/max footer. columns: (header,
+    function of a row, spec)."""
     lines = [f"| seed | {' | '.join(h for h, _, _ in columns)} |", "| ---: |" + " ---: |" * len(columns)]
     values = [[f(r) for _, f, _ in columns] for r in rows]
     for r, v in zip(rows, values):
         lines.append(f"| {r['seed']} | {' | '.join('-' if x is None else number(x, s) for x, (_, _, s) in zip(v, columns))} |")
-    for name, agg in (("mean", lambda xs: sum(xs) / len(xs)), ("min", min), ("max", max)):
+    for name, agg in (("mean", lambda xs: sum(xs) / len(xs)), ("min", min), ("max", max)) if len(rows) > 1 else ():
         cells = []
         for i, (_, _, s) in enumerate(columns):
             xs = [v[i] for v in values if v[i] is not None]
@@ -198,8 +200,9 @@ def checks_table(rows):
         ok = worst >= bound if op == ">=" else worst <= bound
         lines.append(f"| {what} | {op} {bound:g} | {worst:.3g} | {sum(xs) / len(xs):.3g} | {'yes' if ok else 'no'} |")
     win = [r["ppo"]["win_rate_vs_sft"] for r in rows]
-    lines.append(f"| PPO: win-rate spread over the seeds (max - min) | <= 0.08 | {max(win) - min(win):.3g} | | "
-                 f"{'yes' if max(win) - min(win) <= 0.08 else 'no'} |")
+    if len(win) > 1:  # one seed has no spread
+        lines.append(f"| PPO: win-rate spread over the seeds (max - min) | <= 0.08 | {max(win) - min(win):.3g} | | "
+                     f"{'yes' if max(win) - min(win) <= 0.08 else 'no'} |")
     return "\n".join(lines)
 
 
