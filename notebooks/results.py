@@ -268,21 +268,35 @@ def results_page(record, levers=None):
 
 
 def levers_table(results):
-    """notebooks/rm_levers.py's table, one row per lever: the mean and the worst seed of the gap and of the drop
-    share, the training-pair and held-out accuracies, the seconds of training."""
-    lines = ["| reward model | seeds | gap to ceiling, points: mean (worst) | drop / gold's: mean (worst) | "
-             "training-pair accuracy | held-out expected accuracy | seconds a seed |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    variants = list(dict.fromkeys(r["variant"] for r in results["rows"]))
-    for v in variants:
-        rows = [r for r in results["rows"] if r["variant"] == v]
-        mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-        shares = [r["drop_share"] for r in rows if r["drop_share"] is not None]  # None: the gold human tied them all
-        share = f"{sum(shares) / len(shares):.2f} ({min(shares):.2f})" if shares else "-"
-        lines.append(f"| {v} | {len(rows)} | {mean('gap'):.1f} ({max(r['gap'] for r in rows):.1f}) | {share} | "
-                     f"{mean('train_accuracy'):.3f} | {mean('heldout_accuracy_expected'):.3f} | "
-                     f"{'-' if None in [r['seconds'] for r in rows] else format(mean('seconds'), '.0f')} |")
+    """notebooks/rm_levers.py's table, one row per lever and a column per seed: the gap to the ceiling (points) and
+    the drop share of each seed's reward model, then the worst of each over the seeds the lever was tried on, and
+    the mean seconds of training. A lever is compared with the recipe seed by seed, not by means over other seeds."""
+    seeds = sorted({r["seed"] for r in results["rows"]})
+    lines = [f"| reward model | {' | '.join(f'seed {s}: gap, drop share' for s in seeds)} | worst gap | "
+             "worst drop share | seconds a seed |", "| --- |" + " ---: |" * (len(seeds) + 3)]
+    for v in dict.fromkeys(r["variant"] for r in results["rows"]):
+        rows = {r["seed"]: r for r in results["rows"] if r["variant"] == v}
+        share = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731  (None: the gold human tied every pair)
+        cells = [f"{rows[s]['gap']:.1f}, {share(rows[s]['drop_share'])}" if s in rows else "" for s in seeds]
+        shares = [r["drop_share"] for r in rows.values() if r["drop_share"] is not None]
+        seconds = [r["seconds"] for r in rows.values()]
+        lines.append(f"| {v} | {' | '.join(cells)} | {max(r['gap'] for r in rows.values()):.1f} | "
+                     f"{share(min(shares) if shares else None)} | "
+                     f"{'-' if None in seconds else format(sum(seconds) / len(seconds), '.0f')} |")
+    lines += ["", f"Smaller gap and larger drop share than the recipe's on every seed tried: {better_levers(results)}."]
     return "\n".join(lines)
+
+
+def better_levers(results):
+    """The levers whose reward model beats the recipe's on both counts on each seed they were tried on, in words."""
+    recipe = {r["seed"]: r for r in results["rows"] if r["variant"] == "recipe"}
+    out = []
+    for v in dict.fromkeys(r["variant"] for r in results["rows"] if r["variant"] != "recipe"):
+        rows = [r for r in results["rows"] if r["variant"] == v and r["seed"] in recipe]
+        share = lambda r: r["drop_share"] or 0.0  # noqa: E731  (None: the gold human tied every pair)
+        if rows and all(r["gap"] < recipe[r["seed"]]["gap"] and share(r) > share(recipe[r["seed"]]) for r in rows):
+            out.append(f"{v} ({len(rows)} seed{'s' * (len(rows) != 1)})")
+    return ", ".join(out) or "none"
 
 
 def levers_section(levers):

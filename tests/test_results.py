@@ -78,7 +78,7 @@ def test_missing_markers_are_one_clear_error():
 
 
 def test_levers_table_hand_worked():
-    # two seeds of one lever: the mean, the worst seed (the largest gap, the smallest drop share); the recipe's row
+    # a column per seed; the worst seed of a lever is its largest gap and its smallest drop share; the recipe's row
     # has no seconds of its own
     rows = [dict(seed=1, variant="recipe", gap=10.0, drop_share=0.5, train_accuracy=0.7, heldout_accuracy_expected=0.7,
                  seconds=None),
@@ -87,5 +87,9 @@ def test_levers_table_hand_worked():
             dict(seed=2, variant="steps=2", gap=9.0, drop_share=0.6, train_accuracy=0.9, heldout_accuracy_expected=0.7,
                  seconds=20)]
     table = results.levers_table({"preset": "small", "rows": rows}).splitlines()
-    assert table[2] == "| recipe | 1 | 10.0 (10.0) | 0.50 (0.50) | 0.700 | 0.700 | - |"
-    assert table[3] == "| steps=2 | 2 | 7.5 (9.0) | 0.70 (0.60) | 0.850 | 0.750 | 15 |"
+    assert table[0].startswith("| reward model | seed 1: gap, drop share | seed 2: gap, drop share | worst gap |")
+    assert table[2] == "| recipe | 10.0, 0.50 |  | 10.0 | 0.50 | - |"  # not tried on seed 2: an empty cell
+    assert table[3] == "| steps=2 | 6.0, 0.80 | 9.0, 0.60 | 9.0 | 0.60 | 15 |"
+    assert table[-1].endswith("on every seed tried: steps=2 (1 seed).")  # seed 2 has no recipe row to beat
+    rows[1]["gap"] = 11.0  # now worse than the recipe's 10 on seed 1
+    assert results.levers_table({"preset": "small", "rows": rows}).endswith("on every seed tried: none.")

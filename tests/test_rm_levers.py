@@ -74,7 +74,7 @@ def test_levers_on_a_tiny_chain(tiny_presets, tmp_path, capsys):  # noqa: F811
     assert math.isclose(rows["recipe"]["gap"], gap)
     assert rows["recipe"]["seconds"] is None and rows["steps=4"]["seconds"] is not None
     assert json.load(open(tmp_path / "rm_levers" / "results.json")) == results
-    assert "| margin=small | 1 |" in rm_levers.levers_table(results)
+    assert "| margin=small | " in rm_levers.levers_table(results)
     capsys.readouterr()
     assert rm_levers.train(cfg) == results  # every row is there: nothing trained again
     assert "== seed" not in capsys.readouterr().out
