@@ -634,7 +634,8 @@ def parse_config(cls, argv=None, presets=None, check=None, quiet=False):
     fields = dataclasses.fields(cls)
     if "-h" in argv or "--help" in argv:  # the Config itself is the help: each field, its default, its docstring
         print(f"usage: python {os.path.basename(sys.argv[0])} [--field=value ...], the fields of\n\n"
-              f"{inspect.getsource(cls)}" + (f"\npresets (--preset=auto: medium on CUDA): {presets}" if presets else ""))
+              f"{inspect.getsource(cls)}"
+              + (f"\npresets (--preset=auto: medium on CUDA): {presets}" if presets else ""))
         raise SystemExit(0)
     parser = OneLineParser(add_help=False, allow_abbrev=False)
     for f in fields:  # only the flags given land in the namespace: the rest keep the preset's or the default

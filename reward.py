@@ -381,15 +381,21 @@ def train(cfg):
     return metrics
 
 
+def training_accuracy(rm, pairs, cfg, device):
+    """The accuracy on a fixed sample of n_eval_pairs training pairs, next to the held-out one: under- or
+    over-fitting."""
+    sample = random.Random(cfg.seed).sample(pairs, min(len(pairs), cfg.n_eval_pairs))
+    accuracy = pairwise_accuracy(rm, sample, device)
+    print(f"  accuracy on {len(sample)} training pairs {accuracy:.3f}")
+    return accuracy
+
+
 @on_rank_0
 def evaluate_reward_model(rm, policy, pairs, eval_pairs, ceiling, cfg, device):
     """centre_and_evaluate, the accuracy on training pairs, the best-of-N curve. Under torchrun rank 0 alone,
     while the others wait for its numbers; its reward model is the one centred, and saved."""
     metrics = centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device)
-    # accuracy on a fixed sample of the training pairs, next to the held-out one: under- or over-fitting
-    sample = random.Random(cfg.seed).sample(pairs, min(len(pairs), cfg.n_eval_pairs))
-    metrics["train_accuracy"] = pairwise_accuracy(rm, sample, device)
-    print(f"  accuracy on {len(sample)} training pairs {metrics['train_accuracy']:.3f}")
+    metrics["train_accuracy"] = training_accuracy(rm, pairs, cfg, device)
     metrics["best_of_n"] = best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device)
     return metrics
 

@@ -135,7 +135,8 @@ def readme_table(record, processes=None, chain_time=None):
                      f"{'each ' if len(rows) > 1 else ''}a chain of its own, on {record[p]['machine']}; the chain "
                      f"`python ppo.py` builds took "
                      f"{minutes(rows, CHAIN):.1f} minutes a seed, {', '.join(others)}, on one thread while other "
-                     f"runs shared the cores" + (f" ({', '.join(missing)}: not run on this preset)." if missing else "."))
+                     f"runs shared the cores"
+                     + (f" ({', '.join(missing)}: not run on this preset)." if missing else "."))
     if chain_time:
         lines.append(f"`python ppo.py` from a fresh start took {chain_time['seconds'] / 60:.1f} minutes on "
                      f"{chain_time['machine']}, nothing else running (`python notebooks/results.py --time`).")
@@ -156,7 +157,8 @@ def per_seed_table(rows, columns):
     values = [[f(r) for _, f, _ in columns] for r in rows]
     for r, v in zip(rows, values):
         lines.append(f"| {r['seed']} | {' | '.join('-' if x is None else number(x, s) for x, (_, _, s) in zip(v, columns))} |")
-    for name, agg in (("mean", lambda xs: sum(xs) / len(xs)), ("min", min), ("max", max)) if len(rows) > 1 else ():
+    footer = (("mean", lambda xs: sum(xs) / len(xs)), ("min", min), ("max", max)) if len(rows) > 1 else ()
+    for name, agg in footer:
         cells = []
         for i, (_, _, s) in enumerate(columns):
             xs = [v[i] for v in values if v[i] is not None]
@@ -165,20 +167,22 @@ def per_seed_table(rows, columns):
     return "\n".join(lines)
 
 
-def gap(r):
-    return 100 * (r["reward"]["label_ceiling_expected"] - r["reward"]["heldout_accuracy_expected"])
+def gap(rm):
+    """A reward model's points under the labels' ceiling, from its metrics (reward.centre_and_evaluate's)."""
+    return 100 * (rm["label_ceiling_expected"] - rm["heldout_accuracy_expected"])
 
 
-def drop_share(r):
-    swap = r["reward"]["prompt_swap"]
+def drop_share(rm):
+    """A reward model's prompt-swap drop over the gold human's own, from its metrics; None where gold's is 0."""
+    swap = rm["prompt_swap"]
     return swap["drop"] / swap["gold_drop"] if swap["gold_drop"] else None
 
 
 # issue-style checks of the InstructGPT claim, each judged on the worst seed: (what, function of a row, >= or <=, bound)
 CHECKS = [
     ("SFT follow rate", lambda r: r["ppo"]["follow_rate_sft"], ">=", 0.60),
-    ("reward model: prompt-swap drop / the gold human's", drop_share, ">=", 0.60),
-    ("reward model: points under the labels' ceiling", gap, "<=", 8.0),
+    ("reward model: prompt-swap drop / the gold human's", lambda r: drop_share(r["reward"]), ">=", 0.60),
+    ("reward model: points under the labels' ceiling", lambda r: gap(r["reward"]), "<=", 8.0),
     ("PPO: follow rate over SFT (points)", lambda r: 100 * (r["ppo"]["follow_rate"] - r["ppo"]["follow_rate_sft"]),
      ">=", 15.0),
     ("PPO: win rate vs SFT", lambda r: r["ppo"]["win_rate_vs_sft"], ">=", 0.78),
@@ -240,12 +244,12 @@ def results_page(record, levers=None):
                 "human's own drop (`reward.prompt_swap`).", "", per_seed_table(rows, [
                     ("expected accuracy", lambda r: r["reward"]["heldout_accuracy_expected"], ".3f"),
                     ("ceiling", lambda r: r["reward"]["label_ceiling_expected"], ".3f"),
-                    ("gap (points)", gap, ".1f"),
+                    ("gap (points)", lambda r: gap(r["reward"]), ".1f"),
                     ("accuracy on 512 training pairs", lambda r: r["reward"]["train_accuracy"], ".3f"),
                     ("held-out accuracy", lambda r: r["reward"]["heldout_accuracy"], ".3f"),
                     ("prompt-swap drop", lambda r: r["reward"]["prompt_swap"]["drop"], ".3f"),
                     ("gold human's drop", lambda r: r["reward"]["prompt_swap"]["gold_drop"], ".3f"),
-                    ("drop / gold's", drop_share, ".2f")]), ""]
+                    ("drop / gold's", lambda r: drop_share(r["reward"]), ".2f")]), ""]
         ns = [b["n"] for b in rows[0]["best_of_n"]]
         out += ["### Best-of-N on the held-out prompts (sample 1 is the SFT sample)", "",
                 "| N | KL bound (nats) | gold | follow | win rate vs SFT |", "| ---: | ---: | ---: | ---: | ---: |"]

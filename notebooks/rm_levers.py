@@ -43,7 +43,7 @@ import data  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
 from frontier import names, run_experiment  # noqa: E402
-from results import levers_table  # noqa: E402
+from results import drop_share, gap, levers_table  # noqa: E402
 from model import ScalarHeadModel, atomic_write, load_model, parse_config, pick_device, run_fields  # noqa: E402
 
 
@@ -122,17 +122,15 @@ def relabelled(pairs, tau, seed):
 
 
 def row(seed, name, rm):
-    swap = rm["prompt_swap"]
-    return dict(seed=seed, variant=name, gap=100 * (rm["label_ceiling_expected"] - rm["heldout_accuracy_expected"]),
-                drop_share=swap["drop"] / swap["gold_drop"] if swap["gold_drop"] else None,
-                train_accuracy=rm["train_accuracy"],
+    return dict(seed=seed, variant=name, gap=gap(rm), drop_share=drop_share(rm), train_accuracy=rm["train_accuracy"],
                 heldout_accuracy_expected=rm["heldout_accuracy_expected"],
                 follow_pairs=rm["heldout_by_term"].get("follow", {}).get("rm"), seconds=rm.get("seconds"))
 
 
 def lever(folder, seed, variant, cfg, device, held_out):
     """One reward model on a seed's chain with the variant's settings: its metrics as reward.train measures them
-    (the best-of-N curve aside), with the seconds its training took. held_out: {seed: reward.held_out_pairs}."""
+    (the best-of-N curve aside), with the seconds its training took. held_out: {(seed, tau): what
+    reward.held_out_pairs returned}, filled as the levers need it."""
     argv = [f"--preset={cfg.preset}", f"--out_dir={folder}", f"--seed={seed}", f"--device={cfg.device}"]
     rcfg = parse_config(reward.Config, argv + [f"--{k}={v}" for k, v in variant.items() if k != "margin"],
                         reward.PRESETS, reward.check, quiet=True)
@@ -151,8 +149,7 @@ def lever(folder, seed, variant, cfg, device, held_out):
     reward.train_reward_model(rm, pairs, rcfg, device)
     seconds = time.time() - t0
     metrics = reward.centre_and_evaluate(rm, policy, eval_pairs, ceiling, rcfg, device)
-    sample = random.Random(rcfg.seed).sample(pairs, min(len(pairs), rcfg.n_eval_pairs))  # as reward.py samples it
-    metrics["train_accuracy"] = reward.pairwise_accuracy(rm, sample, device)
+    metrics["train_accuracy"] = reward.training_accuracy(rm, pairs, rcfg, device)
     return {**metrics, "seconds": round(seconds)}
 
 

@@ -291,9 +291,9 @@ def bench_cpu_bf16(gcfg, cfg):
     prompts = torch.randint(gcfg.vocab_size, (cfg.gen_batch, cfg.prompt_len))  # (B, P)
     new = min(cfg.gen_tokens, gcfg.block_size - cfg.prompt_len)
 
-    def under(dtype, fn):
+    def under(bf16, fn):
         def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 fn()
         return run
 
@@ -307,7 +307,7 @@ def bench_cpu_bf16(gcfg, cfg):
 
     out = {}
     for name, fn in (("step", step), ("generate", generate)):
-        fp32, bf16 = median_times([under("fp32", fn), under("bf16", fn)], "cpu", cfg.warmup, cfg.repeats)
+        fp32, bf16 = median_times([under(False, fn), under(True, fn)], "cpu", cfg.warmup, cfg.repeats)
         out[name] = (1000 * fp32, 1000 * bf16)
     return out
 
