@@ -95,6 +95,7 @@ def perceived_difference(gold_gap, tau, u):
     """z = g(chosen) - g(rejected) + tau * eps given z > 0, from one uniform u in [0, 1): eps is drawn from the
     logistic distribution above -gold_gap / tau by its inverse CDF: eps = logit(F + (1 - F) u), with
     F = sigmoid(-gold_gap / tau)."""
+    # z = gap + tau * logit(F + (1 - F) u), F = sigmoid(-gap / tau): eps ~ Logistic(0, 1) given gap + tau eps > 0
     lo = 0.5 * (1 + math.tanh(-gold_gap / (2 * tau)))  # sigmoid(-gap / tau), without overflow
     q = lo + (1 - lo) * u
     return gold_gap + tau * math.log(q / (1 - q)) if 0 < q < 1 else (math.inf if q >= 1 else gold_gap)
@@ -106,6 +107,7 @@ def graded(pairs, tau, levels, seed):
     for p in pairs:
         gap = data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"])
         z = abs(perceived_difference(gap, tau, rng.random()))
+        # m = levels[grade], grade = how many of the thresholds GRADES |z| reaches (0: negligibly better ... 3)
         out.append({**p, "margin": levels[sum(z >= g for g in GRADES)]})
     return out
 
