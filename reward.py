@@ -169,14 +169,16 @@ def label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k=2, retell=
     """k samples per prompt and every one of their k(k-1)/2 pairs labelled by the simulated human (InstructGPT
     ranks K = 4 to 9 responses per prompt: many comparisons for few samples). With retell, each sample is also
     compared with its retold twin (retold): up to k more pairs a prompt that only the request decides, as a
-    contrast set does. Returns (pairs, agreement of the labels with the gold order, ties counted half)."""
+    contrast set does; retell may also be a tuple of such functions (prompt, text, rng) -> twin, each giving each
+    sample a twin. Returns (pairs, agreement of the labels with the gold order, ties counted half)."""
+    makers = (retold,) if retell is True else tuple(retell or ())
     torch.manual_seed(seed)
     texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(k)], max_new_tokens, device=device,
                            batch_size=128)
     rng, pairs, agree = random.Random(seed), [], []
     for i, prompt in enumerate(prompts):
         own = texts[k * i:k * (i + 1)]
-        twins = [(a, retold(prompt, a, rng)) for a in own] if retell else []
+        twins = [(a, make(prompt, a, rng)) for a in own for make in makers]
         for a, b in list(itertools.combinations(own, 2)) + [(a, b) for a, b in twins if a != b]:
             ga, gb = data.gold_reward(prompt, a), data.gold_reward(prompt, b)
             chosen, rejected = (a, b) if bt_label(ga, gb, tau, rng) else (b, a)

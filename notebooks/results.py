@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -284,11 +285,16 @@ def levers_table(results):
         cells = [f"{rows[s]['gap']:.1f}, {share(rows[s]['drop_share'])}" if s in rows else "" for s in seeds]
         shares = [r["drop_share"] for r in rows.values() if r["drop_share"] is not None]
         seconds = [r["seconds"] for r in rows.values()]
-        lines.append(f"| {v} | {' | '.join(cells)} | {max(r['gap'] for r in rows.values()):.1f} | "
+        lines.append(f"| {lever_name(v)} | {' | '.join(cells)} | {max(r['gap'] for r in rows.values()):.1f} | "
                      f"{share(min(shares) if shares else None)} | "
                      f"{'-' if None in seconds else format(sum(seconds) / len(seconds), '.0f')} |")
     lines += ["", f"Smaller gap and larger drop share than the recipe's on every seed tried: {better_levers(results)}."]
     return "\n".join(lines)
+
+
+def lever_name(variant):
+    """A lever as the table names it: data=<a seed's pairs.jsonl> as "data=seed <s>'s pairs"."""
+    return re.sub(r"data=\S*?seed(\d+)/reward/pairs\.jsonl", r"data=seed \1's pairs", variant)
 
 
 def better_levers(results):
@@ -299,7 +305,7 @@ def better_levers(results):
         rows = [r for r in results["rows"] if r["variant"] == v and r["seed"] in recipe]
         share = lambda r: r["drop_share"] or 0.0  # noqa: E731  (None: the gold human tied every pair)
         if rows and all(r["gap"] < recipe[r["seed"]]["gap"] and share(r) > share(recipe[r["seed"]]) for r in rows):
-            out.append(f"{v} ({len(rows)} seed{'s' * (len(rows) != 1)})")
+            out.append(f"{lever_name(v)} ({len(rows)} seed{'s' * (len(rows) != 1)})")
     return ", ".join(out) or "none"
 
 
@@ -309,9 +315,11 @@ def levers_section(levers):
     return "\n".join(["## Reward-model levers, on the seeds' own chains", "",
                       f"`python notebooks/rm_levers.py` (the {levers['preset']} preset; seeds "
                       f"{', '.join(map(str, seeds))}): each lever is one reward model a seed, trained on that seed's "
-                      "SFT model and pairs and measured on its held-out pairs as reward.py measures it; `recipe` is "
-                      "the chain's own reward model, as in the table above. The bounds: a gap of at most 8 points "
-                      "and a drop share of at least 0.60, on every seed. `seconds a seed`: the training alone, on "
+                      "SFT model and pairs and measured on its held-out pairs as reward.py measures it; an ensemble "
+                      "is scored by its K members' mean, and each member is a row of its own (`#k`, member 0 the "
+                      "chain's own); `data=seed s's pairs` trains on seed s's pairs instead. `recipe` is the chain's "
+                      "own reward model, as in the table above. The bounds: a gap of at most 8 points and a drop "
+                      "share of at least 0.60, on every seed. `seconds a seed`: the training alone (all members), on "
                       "one thread while another run shared the cores.", "", levers_table(levers), ""])
 
 

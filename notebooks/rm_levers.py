@@ -15,7 +15,16 @@ reward.py measures it, on the same held-out pairs. The row `recipe` is each seed
                     1), large (0, 1, 2, 3) for negligibly, slightly, clearly, significantly better
   tau=0.25          a less noisy labeller: the training pairs relabelled by reward.bt_label at this tau, the
                     held-out pairs labelled afresh with it (so the ceiling moves too)
-  lr=2e-3           any other field of reward.Config, as --field=value would set it
+  lr=2e-3           any other field of reward.Config, as --field=value would set it; data=<pairs.jsonl> trains
+                    on that file's pairs (another seed's: is it the pairs or the SFT model that sets the gap?)
+  twins=one         the pairs sampled again with a twin that differs from its sample in one request (retold_once:
+                    one requested name, animal or place, drawn at random, met where the story missed it or missed
+                    where it met it) instead of reward.retold's twin that meets all of them or none;
+  twins=both        both twins: the reward model must check each request, not only all of them at once
+  n_prompts=2000    more pairs (any of the pairs stage's fields, n_prompts or k): sampled again from the SFT model
+  ensemble=3        K reward models on the same pairs, each with its own seed of the head and of the batches
+                    (member 0 is the recipe's own), scored by their mean r(x, y) = 1/K sum_k r_k(x, y) (Coste et
+                    al. 2023); each member is measured too, as the row `ensemble=3#k`: the spread within one seed
 
 The graded labeller: the simulated human perceives z = g(a) - g(b) + tau * eps, eps ~ Logistic(0, 1), and prefers
 a when z > 0, which is exactly the Bradley-Terry labeller of reward.bt_label (P(z > 0) = sigmoid((g(a) - g(b)) /
@@ -31,9 +40,10 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
@@ -81,6 +91,10 @@ def parse_variant(text):
         key, _, value = item.partition("=")
         if key == "margin" and value in MARGINS:
             out[key] = value
+        elif key == "twins" and value in TWINS:
+            out[key] = value
+        elif key == "ensemble" and value.isdigit() and int(value) >= 2:
+            out[key] = int(value)
         elif key in reward.Config.__dataclass_fields__ and value:
             try:
                 out[key] = type(getattr(reward.Config, key))(value)
@@ -89,6 +103,24 @@ def parse_variant(text):
         else:
             return None
     return out or None
+
+
+def retold_once(prompt, text, rng):
+    """The same story with one request flipped: one requested name, animal or place, drawn at random, becomes
+    another of its kind where the story is about it (data.requests_met), and every word of its kind becomes it where
+    the story is not. The two texts differ in that one request only."""
+    want = data.requested(prompt)
+    if not want:
+        return text
+    w = rng.choice(want)
+    kind = next(k for k in (data.NAMES, data.ANIMALS, data.PLACES) if w in k)
+    said = set(re.findall(r"[A-Za-z]+", text))
+    if w in said and not (said & set(kind)) - {w}:  # about w (as data.requests_met counts it): now about another
+        return re.sub(rf"\b{w}\b", rng.choice([x for x in kind if x != w]), text)
+    return re.sub(rf"\b({'|'.join(kind)})\b", w, text)  # not about w: now about it
+
+
+TWINS = {"one": (retold_once,), "both": (reward.retold, retold_once)}
 
 
 def perceived_difference(gold_gap, tau, u):
@@ -123,10 +155,26 @@ def relabelled(pairs, tau, seed):
     return out
 
 
+class Ensemble(torch.nn.Module):
+    """K reward models as one: r(x, y) = 1/K sum_k r_k(x, y), plus a shift that centring sets (head.bias, as on a
+    ScalarHeadModel, so reward.centre_and_evaluate centres it)."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.head = torch.nn.Module()
+        self.head.bias = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, idx, attention_mask=None):
+        # r(x, y) = 1/K sum_k r_k(x, y)
+        return torch.stack([m(idx, attention_mask) for m in self.members]).mean(0) + self.head.bias  # (B, T)
+
+
 def row(seed, name, rm):
     return dict(seed=seed, variant=name, gap=gap(rm), drop_share=drop_share(rm), train_accuracy=rm["train_accuracy"],
                 heldout_accuracy_expected=rm["heldout_accuracy_expected"],
-                follow_pairs=rm["heldout_by_term"].get("follow", {}).get("rm"), seconds=rm.get("seconds"))
+                follow_pairs=rm["heldout_by_term"].get("follow", {}).get("rm"), seconds=rm.get("seconds"),
+                pairs=rm.get("pairs"))
 
 
 def lever(folder, seed, variant, cfg, device, held_out):
@@ -134,10 +182,16 @@ def lever(folder, seed, variant, cfg, device, held_out):
     (the best-of-N curve aside), with the seconds its training took. held_out: {(seed, tau): what
     reward.held_out_pairs returned}, filled as the levers need it."""
     argv = [f"--preset={cfg.preset}", f"--out_dir={folder}", f"--seed={seed}", f"--device={cfg.device}"]
-    rcfg = parse_config(reward.Config, argv + [f"--{k}={v}" for k, v in variant.items() if k != "margin"],
-                        reward.PRESETS, reward.check, quiet=True)
+    own = ("margin", "ensemble", "twins")  # the levers of this experiment; the rest are reward.Config's fields
+    flags = [f"--{k}={v}" for k, v in variant.items() if k not in own]
+    rcfg = parse_config(reward.Config, argv + flags, reward.PRESETS, reward.check, quiet=True)
     policy = load_model(sft.output_path("sft", folder), device)
-    pairs = reward.load_pairs(sft.output_path("pairs", folder))
+    if {"twins", "n_prompts", "k"} & variant.keys():  # pairs sampled again from the SFT model, as the lever says
+        prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", rcfg.n_prompts, seed=rcfg.seed)]
+        pairs, _ = reward.label_pairs(policy, prompts, rcfg.tau, rcfg.max_new_tokens, device, rcfg.seed, rcfg.k,
+                                      TWINS[variant["twins"]] if "twins" in variant else rcfg.retell)
+    else:  # data=<pairs.jsonl>: another file's pairs (another seed's, say) on this seed's SFT model
+        pairs = reward.load_pairs(rcfg.data or sft.output_path("pairs", folder))
     if "tau" in variant:
         pairs = relabelled(pairs, rcfg.tau, seed)
     if "margin" in variant:
@@ -145,14 +199,18 @@ def lever(folder, seed, variant, cfg, device, held_out):
     if (seed, rcfg.tau) not in held_out:  # the pairs the chain's reward model was measured on (at its tau)
         held_out[seed, rcfg.tau] = reward.held_out_pairs(policy, rcfg, device)
     eval_pairs, ceiling = held_out[seed, rcfg.tau]
-    torch.manual_seed(rcfg.seed)  # as reward.train seeds the reward model's training
-    rm = ScalarHeadModel.from_gpt(policy).to(device)
-    t0 = time.time()
-    reward.train_reward_model(rm, pairs, rcfg, device)
+    members, t0 = [], time.time()
+    for k in range(variant.get("ensemble", 1)):  # member k: seed + 1000 k for its head and its batches
+        torch.manual_seed(rcfg.seed + 1000 * k)  # as reward.train seeds the reward model's training
+        members.append(ScalarHeadModel.from_gpt(policy).to(device))
+        reward.train_reward_model(members[-1], pairs, replace(rcfg, seed=rcfg.seed + 1000 * k), device)
     seconds = time.time() - t0
-    metrics = reward.centre_and_evaluate(rm, policy, eval_pairs, ceiling, rcfg, device)
-    metrics["train_accuracy"] = reward.training_accuracy(rm, pairs, rcfg, device)
-    return {**metrics, "seconds": round(seconds)}
+    measure = lambda rm: {**reward.centre_and_evaluate(rm, policy, eval_pairs, ceiling, rcfg, device),  # noqa: E731
+                          "train_accuracy": reward.training_accuracy(rm, pairs, rcfg, device)}
+    if len(members) == 1:
+        return {**measure(members[0]), "seconds": round(seconds), "pairs": len(pairs)}
+    each = [measure(m) for m in members]  # each member centred on its own: their mean is centred too
+    return {**measure(Ensemble(members)), "seconds": round(seconds), "pairs": len(pairs), "members": each}
 
 
 def train(cfg):
@@ -170,7 +228,9 @@ def train(cfg):
             if (seed, name) in done:
                 continue
             print(f"== seed {seed}: {name}")
-            results["rows"].append(row(seed, name, metrics or lever(folder, seed, variant, cfg, device, held_out)))
+            metrics = metrics or lever(folder, seed, variant, cfg, device, held_out)
+            results["rows"].append(row(seed, name, metrics))
+            results["rows"] += [row(seed, f"{name}#{k}", m) for k, m in enumerate(metrics.get("members", ()))]
             done.add((seed, name))
             with atomic_write(path) as f:
                 json.dump(results, f, indent=1)

@@ -93,3 +93,11 @@ def test_levers_table_hand_worked():
     assert table[-1].endswith("on every seed tried: steps=2 (1 seed).")  # seed 2 has no recipe row to beat
     rows[1]["gap"] = 11.0  # now worse than the recipe's 10 on seed 1
     assert results.levers_table({"preset": "small", "rows": rows}).endswith("on every seed tried: none.")
+
+
+def test_lever_name_shortens_a_seeds_pairs_file():
+    assert results.lever_name("data=out/seeds/small/seed1337/reward/pairs.jsonl") == "data=seed 1337's pairs"
+    shorter = "data=seed 3's pairs,steps=2"
+    assert results.lever_name("data=out_b/seeds/small/seed3/reward/pairs.jsonl,steps=2") == shorter
+    assert results.lever_name("data=my_pairs.jsonl") == "data=my_pairs.jsonl"  # not a seed's: as given
+    assert results.lever_name("margin=small") == "margin=small"

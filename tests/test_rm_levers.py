@@ -57,17 +57,40 @@ def test_relabelled_at_a_tiny_tau_follows_the_gold_order():
 def test_parse_variant():
     assert rm_levers.parse_variant("margin=small, steps=2560") == {"margin": "small", "steps": 2560}
     assert rm_levers.parse_variant("lr=2e-3") == {"lr": 2e-3}
-    for bad in ("margin=huge", "steps=many", "nonsense=1", "steps", ""):
+    assert rm_levers.parse_variant("ensemble=3") == {"ensemble": 3}
+    for bad in ("margin=huge", "steps=many", "nonsense=1", "steps", "", "ensemble=1", "ensemble=two"):
         assert rm_levers.parse_variant(bad) is None, bad
+
+
+def test_ensemble_is_the_mean_of_its_members():
+    import torch
+    from model import GPTConfig, ScalarHeadModel
+    torch.manual_seed(0)
+    members = [ScalarHeadModel(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=8))
+               for _ in range(3)]
+    ensemble = rm_levers.Ensemble(members)
+    ensemble.head.bias += 0.25
+    idx, mask = torch.randint(50, (2, 7)), torch.ones(2, 7, dtype=torch.bool)
+    naive = sum(m(idx, mask) for m in members) / 3 + 0.25
+    assert torch.allclose(ensemble(idx, mask), naive, atol=1e-6)
 
 
 def test_levers_on_a_tiny_chain(tiny_presets, tmp_path, capsys):  # noqa: F811
     seeds.train(seeds.Config(out_dir=str(tmp_path / "seeds"), preset="small", device="cpu", seeds="5",
                              rejection=False, oracle=False))
-    cfg = rm_levers.Config(out_dir=str(tmp_path), device="cpu", seeds="5", variants="steps=4;margin=small")
+    own_pairs = f"data={tmp_path / 'seeds' / 'small' / 'seed5' / 'reward' / 'pairs.jsonl'}"
+    cfg = rm_levers.Config(out_dir=str(tmp_path), device="cpu", seeds="5",
+                           variants=f"steps=4;margin=small;ensemble=2;{own_pairs};k=3")
     results = rm_levers.train(cfg)
     rows = {r["variant"]: r for r in results["rows"]}
-    assert list(rows) == ["recipe", "steps=4", "margin=small"]
+    assert list(rows) == ["recipe", "steps=4", "margin=small", "ensemble=2", "ensemble=2#0", "ensemble=2#1", own_pairs,
+                          "k=3"]
+    chain_pairs = sum(1 for _ in open(own_pairs.split("=", 1)[1]))
+    assert rows["steps=4"]["pairs"] == chain_pairs
+    assert rows["k=3"]["pairs"] > chain_pairs  # 3 pairs of samples a prompt where k=2 gave 1: sampled again
+    assert rows[own_pairs]["gap"] == rows["recipe"]["gap"]  # the seed's own pairs, read from the file named
+    assert rows["ensemble=2#0"]["gap"] == rows["recipe"]["gap"]  # member 0 is the chain's own reward model again
+    assert rows["ensemble=2#1"]["gap"] != rows["recipe"]["gap"]
     with open(tmp_path / "seeds" / "small" / "seed5" / "reward" / "metrics.json") as f:
         chain = json.load(f)
     gap = 100 * (chain["label_ceiling_expected"] - chain["heldout_accuracy_expected"])
@@ -79,3 +102,18 @@ def test_levers_on_a_tiny_chain(tiny_presets, tmp_path, capsys):  # noqa: F811
     assert rm_levers.train(cfg) == results  # every row is there: nothing trained again
     assert "== seed" not in capsys.readouterr().out
     assert reward.PRESETS["small"] == TINY[reward]  # the fixture's tiny preset is what the levers ran with
+
+
+def test_retold_once_flips_exactly_one_request():
+    # against the gold human: the twin meets exactly one request more, or one fewer, than its story
+    rng = random.Random(0)
+    flipped = 0
+    for i, (instruction, given) in enumerate(data.tasks("train", 200, seed=3)):
+        prompt = data.alpaca_prompt(instruction, given)
+        story = data.demonstration(random.Random(i), instruction, given)
+        twin = rm_levers.retold_once(prompt, story, rng)
+        (met, _), (twin_met, _) = data.requests_met(prompt, story), data.requests_met(prompt, twin)
+        if twin != story:
+            flipped += 1
+            assert abs(twin_met - met) == 1, (prompt, story, twin)
+    assert flipped > 150  # most stories have a word of the drawn kind to flip
