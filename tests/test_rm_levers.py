@@ -80,14 +80,16 @@ def test_levers_on_a_tiny_chain(tiny_presets, tmp_path, capsys):  # noqa: F811
                              rejection=False, oracle=False))
     own_pairs = f"data={tmp_path / 'seeds' / 'small' / 'seed5' / 'reward' / 'pairs.jsonl'}"
     cfg = rm_levers.Config(out_dir=str(tmp_path), device="cpu", seeds="5",
-                           variants=f"steps=4;margin=small;ensemble=2;{own_pairs};k=3")
+                           variants=f"steps=4;margin=small;ensemble=2;{own_pairs};k=3;k=2")
     results = rm_levers.train(cfg)
     rows = {r["variant"]: r for r in results["rows"]}
     assert list(rows) == ["recipe", "steps=4", "margin=small", "ensemble=2", "ensemble=2#0", "ensemble=2#1", own_pairs,
-                          "k=3"]
+                          "k=3", "k=2"]
     chain_pairs = sum(1 for _ in open(own_pairs.split("=", 1)[1]))
     assert rows["steps=4"]["pairs"] == chain_pairs
     assert rows["k=3"]["pairs"] > chain_pairs  # 3 pairs of samples a prompt where k=2 gave 1: sampled again
+    # the chain's own k, sampled again: the chain's pairs exactly (same seed, same samples, same twins and labels)
+    assert rows["k=2"]["pairs"] == chain_pairs and rows["k=2"]["gap"] == rows["recipe"]["gap"]
     assert rows[own_pairs]["gap"] == rows["recipe"]["gap"]  # the seed's own pairs, read from the file named
     assert rows["ensemble=2#0"]["gap"] == rows["recipe"]["gap"]  # member 0 is the chain's own reward model again
     assert rows["ensemble=2#1"]["gap"] != rows["recipe"]["gap"]
