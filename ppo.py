@@ -393,7 +393,7 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
     policy_opt = sft.make_optimizer(policy, cfg.lr, 0.0, device)
     critic_opt = None if critic is None else sft.make_optimizer(critic, cfg.critic_lr, 0.0, device)
 
-    prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", cfg.n_prompts, seed=cfg.seed)]
+    prompts = sft.train_prompts(cfg.n_prompts, cfg.seed)
     prompt_ids = [torch.tensor(data.encode(p)) for p in prompts]
     eval_prompts = sft.eval_prompts(cfg.eval_prompts)
     sft_eval, sft_texts = sft.evaluate(ref, eval_prompts, cfg.max_new_tokens, device, seed=cfg.seed)

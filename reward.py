@@ -201,7 +201,7 @@ def label_training_pairs(cfg):
     sft_path = sft.ensure_stage("sft", cfg)
     if rank() == 0:
         policy = load_model(sft_path, device)
-        prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", cfg.n_prompts, seed=cfg.seed)]
+        prompts = sft.train_prompts(cfg.n_prompts, cfg.seed)
         t0 = time.time()
         pairs, agreement = label_pairs(policy, prompts, cfg.tau, cfg.max_new_tokens, device, cfg.seed, cfg.k,
                                        cfg.retell)

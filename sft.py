@@ -313,6 +313,11 @@ def eval_prompts(n):
     return [data.alpaca_prompt(i, x) for i, x in data.tasks("eval", n, seed=EVAL_SEED)]
 
 
+def train_prompts(n, seed):
+    """n training prompts (the "train" split of data.tasks, disjoint from the held-out ones) drawn with seed."""
+    return [data.alpaca_prompt(i, x) for i, x in data.tasks("train", n, seed=seed)]
+
+
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, temperature=1.0, batch_size=64, device="cpu", top_k=None):
     """Responses to prompts. Returns (texts, prompt_ids, response_ids, ended) where response_ids are 1-d tensors

@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import data  # noqa: E402
 import frontier  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
@@ -71,7 +70,7 @@ def run_arm(name, rounds, cfg, rcfg, pcfg, device):
         if k == rounds - 1:
             break
         # 1. the current policy's answers to fresh prompts, labelled
-        prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", cfg.n_prompts, seed=rcfg.seed + 100 + k)]
+        prompts = sft.train_prompts(cfg.n_prompts, rcfg.seed + 100 + k)
         new, agreement = reward.label_pairs(policy, prompts, rcfg.tau, rcfg.max_new_tokens, device,
                                             seed=rcfg.seed + 100 + k, k=2, retell=rcfg.retell)
         pairs = pairs + new

@@ -187,7 +187,7 @@ def lever(folder, seed, variant, cfg, device, held_out):
     rcfg = parse_config(reward.Config, argv + flags, reward.PRESETS, reward.check, quiet=True)
     policy = load_model(sft.output_path("sft", folder), device)
     if {"twins", "n_prompts", "k"} & variant.keys():  # pairs sampled again from the SFT model, as the lever says
-        prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", rcfg.n_prompts, seed=rcfg.seed)]
+        prompts = sft.train_prompts(rcfg.n_prompts, rcfg.seed)
         pairs, _ = reward.label_pairs(policy, prompts, rcfg.tau, rcfg.max_new_tokens, device, rcfg.seed, rcfg.k,
                                       TWINS[variant["twins"]] if "twins" in variant else rcfg.retell)
     else:  # data=<pairs.jsonl>: another file's pairs (another seed's, say) on this seed's SFT model
