@@ -2,7 +2,8 @@
 Every number the README shows, rendered from the runs, never typed. notebooks/seeds.py leaves one results.json per
 preset (out/seeds/<preset>/results.json: each seed's final numbers of every stage); this script
 
-  --update   copies them into notebooks/figures/seeds.json, the record shipped with the code (small: no histories)
+  --update   merges them into notebooks/figures/seeds.json, the record shipped with the code (small: no histories);
+             a seed run again replaces its row, and every row names the machine it ran on
   --time     times `python ppo.py` from nothing cached into notebooks/figures/chain_time.json
   (always)   renders from that record: the results table between the README's `results` markers, the full record
              notebooks/RESULTS.md (every seed, every stage, the timings and the checks judged on the worst seed) and
@@ -128,15 +129,16 @@ def readme_table(record, processes=None, chain_time=None):
             lines.append(f"The {p} preset has no seed in this record yet: `python notebooks/seeds.py --preset={p}` "
                          f"adds its columns.")
             continue
-        others = [f"{name} {minutes(rows, [key]):.1f}" for key, name in (("dpo", "DPO"), ("rejection", "rejection "
-                  "sampling"), ("oracle", "PPO on the gold human")) if all(key in r["seconds"] for r in rows)]
+        others = [(key, name) for key, name in (("dpo", "DPO"), ("rejection", "rejection sampling"),
+                                                ("oracle", "PPO on the gold human")) if all(key in r["seconds"] for r in rows)]
         missing = [name for key, name in METHODS if not column(record, p, key, "gold_reward")]
+        groups = by_machine(rows)
+        took = "; ".join(f"{minutes(rs, CHAIN):.1f} minutes a seed{' on ' + m.split(',')[0] if len(groups) > 1 else ''}"
+                         + "".join(f", {name} {minutes(rs, [key]):.1f}" for key, name in others) for m, rs in groups)
         lines.append(f"{p}: {'mean (worst to best) over ' if len(rows) > 1 else ''}{len(rows)} "
                      f"seed{'s' * (len(rows) != 1)} ({', '.join(str(r['seed']) for r in rows)}), "
-                     f"{'each ' if len(rows) > 1 else ''}a chain of its own, on {record[p]['machine']}; the chain "
-                     f"`python ppo.py` builds took "
-                     f"{minutes(rows, CHAIN):.1f} minutes a seed, {', '.join(others)}, on one thread while other "
-                     f"runs shared the cores"
+                     f"{'each ' if len(rows) > 1 else ''}a chain of its own, on {machines(rows)}; the chain "
+                     f"`python ppo.py` builds took {took}, on one thread while other runs shared the cores"
                      + (f" ({', '.join(missing)}: not run on this preset)." if missing else "."))
     if chain_time:
         lines.append(f"`python ppo.py` from a fresh start took {chain_time['seconds'] / 60:.1f} minutes on "
@@ -231,7 +233,7 @@ def results_page(record, levers=None):
             continue
         rows = record[preset]["seeds"]
         out += [f"## The `{preset}` preset: {len(rows)} seed{'s' if len(rows) != 1 else ''}", "",
-                f"Machine: {record[preset]['machine']}.", ""]
+                f"Machine{'s' * (len(by_machine(rows)) > 1)}: {machines(rows)}.", ""]
         out += ["### Stages 1-2: pretraining and SFT", "", per_seed_table(rows, [
             ("pretraining val loss (nats/token)", lambda r: r["pretrain"]["val_loss"], ".4f"),
             ("pretrained follow rate (128 prompts)", lambda r: r["sft"]["pretrained_follow_rate"], ".3f"),
@@ -264,7 +266,8 @@ def results_page(record, levers=None):
             if any(r.get(key) for r in rows):
                 out += [f"### {name}", "", per_seed_table(rows, method_columns(key)), ""]
         stages = list(dict.fromkeys(s for r in rows for s in r["seconds"]))
-        out += ["### Time per stage (seconds, on the machine above)", "",
+        where = "each seed's machine above" if len(by_machine(rows)) > 1 else "the machine above"
+        out += [f"### Time per stage (seconds, on {where})", "",
                 per_seed_table(rows, [(s, (lambda s: lambda r: r["seconds"].get(s))(s), ".0f") for s in stages]), ""]
         out += ["### The InstructGPT claim, judged on the worst seed", "", checks_table(rows), ""]
     if levers:
@@ -378,6 +381,36 @@ def collect(out_dir):
     return record
 
 
+def merge(shipped, new):
+    """The shipped record with new runs merged in: a new seed's row replaces the shipped row of that seed, other
+    shipped rows stay, so seeds run at different times (or on different machines) add up to one record. Every row
+    names its machine (a results.json names it once, for all of its seeds)."""
+    record = {}
+    for preset in dict.fromkeys([*shipped, *new]):
+        rows = {}
+        for results in (shipped.get(preset), new.get(preset)):
+            for r in (results or {}).get("seeds", []):
+                rows[r["seed"]] = {**r, "machine": r.get("machine", results.get("machine"))}
+        record[preset] = {"preset": preset, "seeds": list(rows.values())}
+    return record
+
+
+def by_machine(rows):
+    """[(machine, its seeds' rows)] in the rows' order: a time is only comparable on one machine."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["machine"], []).append(r)
+    return list(groups.items())
+
+
+def machines(rows):
+    """The machines of the rows in words, each with its seeds when there are several machines."""
+    groups = by_machine(rows)
+    if len(groups) == 1:
+        return groups[0][0]
+    return "; ".join(f"{m} (seed{'s' * (len(rs) > 1)} {', '.join(str(r['seed']) for r in rs)})" for m, rs in groups)
+
+
 def optional_record(path):
     """A record another command writes (CHAIN_TIME, PROCESSES), or None before it has run."""
     if not os.path.exists(path):
@@ -394,9 +427,11 @@ def main():
     if args == ["--time"]:
         print(f"python ppo.py: {time_chain()['seconds']:.0f} s")
     if args == ["--update"]:
-        record = collect(os.path.join(ROOT, "out"))
-        if "small" not in record:
-            sys.exit("error: no out/seeds/small/results.json; run python notebooks/seeds.py first")
+        new = collect(os.path.join(ROOT, "out"))
+        if not new:
+            sys.exit("error: no out/seeds/<preset>/results.json; run python notebooks/seeds.py first")
+        with open(RECORD) as f:
+            record = merge(json.load(f), new)
         with open(RECORD, "w") as f:
             json.dump(record, f, indent=1)
         levers = optional_record(os.path.join(ROOT, "out", "rm_levers", "results.json"))

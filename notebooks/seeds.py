@@ -151,7 +151,7 @@ def train(cfg):
     results = {"preset": resolve_preset(cfg.preset), "machine": machine(), "seeds": []}
     out = os.path.join(cfg.out_dir, resolve_preset(cfg.preset), "results.json")
     for seed in seed_list(cfg.seeds):
-        results["seeds"].append(run_seed(seed, cfg))
+        results["seeds"].append({**run_seed(seed, cfg), "machine": results["machine"]})
         with atomic_write(out) as f:
             json.dump(results, f, indent=1)
         print(f"== seed {seed} done: {out}")

@@ -101,3 +101,18 @@ def test_lever_name_shortens_a_seeds_pairs_file():
     assert results.lever_name("data=out_b/seeds/small/seed3/reward/pairs.jsonl,steps=2") == shorter
     assert results.lever_name("data=my_pairs.jsonl") == "data=my_pairs.jsonl"  # not a seed's: as given
     assert results.lever_name("margin=small") == "margin=small"
+
+
+def test_merge_adds_seeds_and_names_each_rows_machine():
+    row = lambda seed, x: {"seed": seed, "x": x}  # noqa: E731
+    shipped = {"small": {"preset": "small", "machine": "A", "seeds": [row(1337, 1), row(3, 2)]},
+               "medium": {"preset": "medium", "machine": "A", "seeds": [row(1337, 3)]}}
+    new = {"medium": {"preset": "medium", "machine": "B", "seeds": [row(3, 4), row(1337, 5)]}}
+    merged = results.merge(shipped, new)
+    assert merged["small"]["seeds"] == [{**row(1337, 1), "machine": "A"}, {**row(3, 2), "machine": "A"}]
+    # seed 1337 run again replaces its row (in its place); seed 3 is added; each row keeps its own machine
+    assert merged["medium"]["seeds"] == [{**row(1337, 5), "machine": "B"}, {**row(3, 4), "machine": "B"}]
+    assert results.merge(merged, {}) == merged  # a row that names its machine keeps it
+    two = [{"seed": 1337, "machine": "A"}, {"seed": 3, "machine": "B"}, {"seed": 4, "machine": "B"}]
+    assert results.machines(two) == "A (seed 1337); B (seeds 3, 4)"
+    assert results.machines(two[1:]) == "B"
