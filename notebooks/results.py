@@ -100,15 +100,17 @@ def cpu_model():
 
 def time_chain():
     """`python ppo.py` from nothing cached (the tokenizer aside) in a temporary out_dir, timed as a whole process,
-    with torch's default threads: {"seconds", "machine"}, written to CHAIN_TIME."""
+    with torch's default threads: {"seconds", "machine"}, put into CHAIN_TIME's list (one record a machine, the
+    newest kept: the time is the machine's)."""
     with tempfile.TemporaryDirectory() as out:
         t0 = time.time()
         subprocess.run([sys.executable, "ppo.py", f"--out_dir={out}"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         seconds = time.time() - t0
     record = {"seconds": round(seconds, 1), "machine": f"{cpu_model()}, {os.cpu_count()} cores, all threads"}
+    others = [r for r in optional_record(CHAIN_TIME) or [] if r["machine"] != record["machine"]]
     with open(CHAIN_TIME, "w") as f:
-        json.dump(record, f, indent=1)
+        json.dump(others + [record], f, indent=1)
     return record
 
 
@@ -141,8 +143,9 @@ def readme_table(record, processes=None, chain_time=None):
                      f"`python ppo.py` builds took {took}, on one thread while other runs shared the cores"
                      + (f" ({', '.join(missing)}: not run on this preset)." if missing else "."))
     if chain_time:
-        lines.append(f"`python ppo.py` from a fresh start took {chain_time['seconds'] / 60:.1f} minutes on "
-                     f"{chain_time['machine']}, nothing else running (`python notebooks/results.py --time`).")
+        took = "; ".join(f"{r['seconds'] / 60:.1f} minutes on {r['machine']}" for r in chain_time)
+        lines.append(f"`python ppo.py` from a fresh start took {took}; nothing else running "
+                     f"(`python notebooks/results.py --time`).")
     if processes:
         lines.append(f"{processes['processes']} CPU processes under torchrun pretrain the medium preset's "
                      f"{processes['params']}-parameter model {processes['speedup']:.2f} times as fast as one process "
