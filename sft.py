@@ -442,11 +442,13 @@ def script_of(cfg):
 
 def stage_config(stage, cfg):
     """The Config that builds stage: cfg itself when cfg belongs to that stage's script (the user's flags hold),
-    else the defaults of cfg's preset on cfg's out_dir and device."""
+    else the defaults of cfg's preset with cfg's out_dir, device and seed, where cfg has one (`python ppo.py
+    --seed=3` builds seed 3's chain, as notebooks/seeds.py does)."""
     script = importlib.import_module(CHAIN[stage][0])
     if script_of(cfg) != CHAIN[stage][0]:
+        seed = [f"--seed={cfg.seed}"] if hasattr(cfg, "seed") else []  # an experiment's Config may have none
         cfg = parse_config(script.Config, [f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}",
-                                           f"--device={cfg.device}"], script.PRESETS, script.check, quiet=True)
+                                           f"--device={cfg.device}", *seed], script.PRESETS, script.check, quiet=True)
     return dataclasses.replace(cfg, stage={"pairs": "reward"}.get(stage, stage)) if hasattr(cfg, "stage") else cfg
 
 

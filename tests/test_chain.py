@@ -80,6 +80,16 @@ def test_a_later_script_reuses_a_stage_built_with_other_settings_and_says_so(cha
     assert "== reusing" in out and "sft_steps=2 (this run: 600)" in out and "n_embd=32 (this run: 128)" in out
 
 
+def test_a_later_script_builds_the_earlier_stages_with_its_own_seed(chain, capsys):
+    # python ppo.py --seed=3 builds (and expects) seed 3's chain, as notebooks/seeds.py does: every stage its --seed
+    later = ppo.Config(out_dir="unused", preset="small", device="cpu", seed=3)
+    assert [sft.stage_config(s, later).seed for s in ("pretrain", "sft", "pairs", "reward")] == [3, 3, 3, 3]
+    assert sft.stage_config("pretrain", later).n_embd == sft.Config().n_embd  # the rest: the preset's defaults
+    cfg, _ = chain  # built with seed 1337: a later script of seed 3 says so when it reuses it
+    sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="small", device="cpu", seed=3))
+    assert "seed=1337 (this run: 3)" in capsys.readouterr().out
+
+
 def test_an_output_without_a_record_is_not_reused(tmp_path):
     (tmp_path / "reward").mkdir()
     (tmp_path / "reward" / "pairs.jsonl").write_text("")
