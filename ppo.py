@@ -38,7 +38,8 @@ Choices, and where they come from:
     the loss instead: so all three advantages optimise the same reward - beta * KL, and the frontier compares
     advantage estimators, not objectives. Their advantages are not whitened again (GRPO's already are, per group).
   - --reward=gold trains against the gold human itself: an oracle no real lab has, and the line on the frontier
-    that a learned reward model is measured against.
+    that a learned reward model is measured against. It is on g's own scale, where a Bradley-Terry reward model
+    learns about g / tau (reward.py's labeller), so at one beta the oracle pays 1 / tau times the KL price.
   - Under torchrun each of N processes rolls out its share of the batch (whole groups for rloo and grpo) with a
     sampling seed of its own, and splits it into n_minibatches; the whitening, the adaptive controller's KL and
     check_finite see every process's numbers (model.masked_whiten, mean_over_processes), so all decide alike.
