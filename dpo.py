@@ -11,6 +11,8 @@ of the preferences, Z(x) cancels and the reward model becomes a classifier on th
   conservative DPO  L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)    labels flipped with prob eps
                                                                                     (Mitchell 2023)
   IPO               L = (h - 1 / (2 beta))^2              (Azar et al. 2023, the sampled IPO loss; their tau is beta)
+  + NLL             L + alpha * (-log pi(y_w|x) / |y_w|)    the chosen response's per-token NLL (RPO: Pang et al.
+                                                            2024, eq. 3): keeps y_w, and its EOS, likely
 
 log pi(y|x) is the sum over the response's tokens (its EOS included) of log pi(y_t | x, y_<t).
 
@@ -53,6 +55,8 @@ class Config:
     """sigmoid: DPO's -log sigmoid(beta h); ipo: (h - 1/(2 beta))^2 (Azar et al. 2023)"""
     label_smoothing: float = 0.0
     """eps, the assumed probability that a preference label is flipped (conservative DPO); sigmoid loss only"""
+    nll_coef: float = 0.0
+    """alpha of the chosen response's per-token NLL added to the loss (RPO); 0: DPO alone"""
     data: str = ""
     """a JSONL file of {"prompt", "chosen", "rejected"} pairs (prompt in the Alpaca template); empty: the pairs
     the reward model was trained on"""
@@ -93,7 +97,7 @@ def check(cfg):
     yield from files_or_empty(cfg, "data")
     yield from run_fields(cfg)
     yield from positive(cfg, "steps", "batch_size", "lr", "eval_every", "eval_prompts", "max_new_tokens")
-    yield from non_negative(cfg, "warmup", "weight_decay")
+    yield from non_negative(cfg, "warmup", "weight_decay", "nll_coef")
     yield interval(cfg, "val_frac", "[0, 1)")
     yield sft.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
     yield sft.fits_sft_model(cfg)
@@ -213,6 +217,10 @@ def optimize(policy, train_t, train_ref, cfg, device, val_t=(), val_ref=None):
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, ref[:, 0], ref[:, 1],
                                                             cfg.beta, cfg.label_smoothing, cfg.loss_type)
         loss = losses.mean()
+        if cfg.nll_coef:
+            # + alpha * mean_b(-log pi(y_w|x) / |y_w|): rows [0, B) of labels are the chosen responses
+            n_tokens = (labels[:len(idx)] != -1).sum(1)  # (B,) |y_w|, its EOS included
+            loss = loss + cfg.nll_coef * (-chosen_logps / n_tokens).mean()
         check_finite(step, loss=loss)
         # 4. one AdamW step on theta
         lr = sft.lr_at(step, cfg.steps, cfg.lr, cfg.warmup)

@@ -38,8 +38,9 @@ Choices, and where they come from:
     the loss instead: so all three advantages optimise the same reward - beta * KL, and the frontier compares
     advantage estimators, not objectives. Their advantages are not whitened again (GRPO's already are, per group).
   - --reward=gold trains against the gold human itself: an oracle no real lab has, and the line on the frontier
-    that a learned reward model is measured against. It is on g's own scale, where a Bradley-Terry reward model
-    learns about g / tau (reward.py's labeller), so at one beta the oracle pays 1 / tau times the KL price.
+    that a learned reward model is measured against. A Bradley-Terry reward model learns about g / tau from
+    reward.py's labeller, so the oracle is paid g / tau too (gold_scale): on g's own scale it would pay 1 / tau
+    times the reward model's KL price at one beta, and stay closer to SFT than a perfect reward model would.
   - Under torchrun each of N processes rolls out its share of the batch (whole groups for rloo and grpo) with a
     sampling seed of its own, and splits it into n_minibatches; the whitening, the adaptive controller's KL and
     check_finite see every process's numbers (model.masked_whiten, mean_over_processes), so all decide alike.
@@ -121,6 +122,9 @@ class Config:
     """G: samples per prompt for rloo and grpo (batch_size / G prompts a step); gae samples one per prompt"""
     reward: str = "model"
     """model: the reward model; gold: the gold human itself (data.gold_reward), an oracle"""
+    gold_scale: float = 2.0
+    """--reward=gold pays gold_scale * g: 2 = 1 / reward.py's tau, the scale on which a Bradley-Terry reward model
+    learns g from that labeller, so the oracle is a perfect reward model and pays the same KL price at one beta"""
     init: str = "sft"
     """the model PPO starts from: sft, or rejection (LLaMA-2's order: rejection sampling first); pi_ref stays SFT"""
 
@@ -132,7 +136,8 @@ def check(cfg):
     """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
     yield from run_fields(cfg)
     yield from positive(cfg, "steps", "batch_size", "n_epochs", "n_minibatches", "max_new_tokens", "lr", "critic_lr",
-                        "max_grad_norm", "target_kl", "kl_horizon", "cliprange_value", "n_prompts", "eval_prompts")
+                        "max_grad_norm", "target_kl", "kl_horizon", "cliprange_value", "n_prompts", "eval_prompts",
+                        "gold_scale")
     yield "n_minibatches", cfg.batch_size % cfg.n_minibatches == 0, f"a divisor of --batch_size={cfg.batch_size}"
     yield from non_negative(cfg, "kl_coef", "no_eos_penalty", "sample_every")
     yield interval(cfg, "gamma", "[0, 1]")
@@ -368,7 +373,7 @@ def start_models(cfg, device, policy=None, ref=None, critic=None, reward_fn=None
     from cfg.out_dir, building the earlier stages first if needed."""
     needs_critic = cfg.advantage == "gae"
     if cfg.reward == "gold" and reward_fn is None:
-        reward_fn = gold_reward_fn
+        reward_fn = lambda ids, attention_mask, P: cfg.gold_scale * gold_reward_fn(ids, attention_mask, P)  # noqa: E731
     if None in (policy, ref, reward_fn) or (needs_critic and critic is None):
         rm_path = sft.ensure_stage("reward", cfg)  # also builds out/sft
         sft_path = sft.ensure_stage("sft", cfg)

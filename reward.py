@@ -60,9 +60,14 @@ class Config:
     """held-out pairs, on evaluation prompts"""
     tau: float = 0.5
     """labeller temperature in P(a > b) = sigmoid((g(a) - g(b)) / tau); smaller is less noisy"""
-    steps: int = 1280
+    grades: bool = True
+    """the labeller also says how much better (graded_label), and the loss has LLaMA-2's margin for it"""
+    steps: int = 2560
     """many small steps, as in pretraining: checking a story against its request is learned late (at 160 steps of
-    32 pairs the reward model did not read the prompt at all; at 1280 of 8 it does, in part)"""
+    32 pairs the reward model did not read the prompt at all; at 1280 of 8 it does, on some seeds): two passes"""
+    twin_steps: int = 640
+    """a curriculum: the first twin_steps train on the twin pairs alone (twins), where only the request decides,
+    so the reward model learns to read it before mood and endings can carry the loss; 0: none"""
     batch_size: int = 8
     """pairs per step"""
     lr: float = 1e-3
@@ -95,7 +100,7 @@ def check(cfg):
                         "eval_prompts", "bon_prompts", "bon_max_n", "rs_prompts", "rs_n", "rs_steps")
     yield "k", cfg.k >= 2, ">= 2: a pair needs two samples"
     yield "bon_max_n", cfg.bon_max_n >= 2, ">= 2: best-of-N compares the SFT sample with at least one more"
-    yield from non_negative(cfg, "weight_decay")
+    yield from non_negative(cfg, "weight_decay", "twin_steps")
     yield sft.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
     yield sft.enough_prompts(cfg, "rs_prompts", "train", cfg.seed + 4)
     for field in ("n_eval_pairs", "eval_prompts", "bon_prompts"):  # each drawn by sft.eval_prompts
@@ -105,11 +110,23 @@ def check(cfg):
 
 # ----------------------------------------------------------------------------- the labeller and the loss
 
+GRADES = (0.5, 1.5, 3.0)  # |z| below each: negligibly, slightly, clearly better; at or above the last: significantly
+MARGINS = (0.0, 1 / 3, 2 / 3, 1.0)  # LLaMA-2's margin m(grade), their "small" set (Touvron et al. 2023, A.3.3)
+
+
+def graded_label(gold_a, gold_b, tau, rng):
+    """The simulated human, who also says by how much: perceives z = g(a) - g(b) + tau * eps, eps ~ Logistic(0, 1),
+    prefers a when z > 0, so with the Bradley-Terry probability sigmoid((g(a) - g(b)) / tau), and grades |z| as
+    LLaMA-2's annotators grade a preference (GRADES). Returns (a is preferred, the grade's margin m in MARGINS)."""
+    u = rng.random()
+    # eps = log((1 - u) / u), Logistic(0, 1) for u ~ U(0, 1); z > 0 exactly when u < sigmoid((g(a) - g(b)) / tau)
+    z = gold_a - gold_b + tau * math.log((1 - u) / u) if u > 0 else math.inf
+    return z > 0, MARGINS[sum(abs(z) >= g for g in GRADES)]
+
+
 def bt_label(gold_a, gold_b, tau, rng):
-    """The simulated human: prefers a with the Bradley-Terry probability sigmoid((g(a) - g(b)) / tau)."""
-    # sigmoid(d / tau) written as (1 + tanh(d / 2 tau)) / 2, which cannot overflow for small tau
-    p_a = 0.5 * (1 + math.tanh((gold_a - gold_b) / (2 * tau)))
-    return rng.random() < p_a
+    """The simulated human's preference alone: a with probability sigmoid((g(a) - g(b)) / tau)."""
+    return graded_label(gold_a, gold_b, tau, rng)[0]
 
 
 def preference_loss(chosen_rewards, rejected_rewards, margins=0.0):
@@ -165,12 +182,13 @@ def retold(prompt, text, rng):
     return text
 
 
-def label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k=2, retell=False):
+def label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k=2, retell=False, grades=False):
     """k samples per prompt and every one of their k(k-1)/2 pairs labelled by the simulated human (InstructGPT
     ranks K = 4 to 9 responses per prompt: many comparisons for few samples). With retell, each sample is also
     compared with its retold twin (retold): up to k more pairs a prompt that only the request decides, as a
     contrast set does; retell may also be a tuple of such functions (prompt, text, rng) -> twin, each giving each
-    sample a twin. Returns (pairs, agreement of the labels with the gold order, ties counted half)."""
+    sample a twin. With grades each pair keeps the labeller's margin (graded_label) for LLaMA-2's loss.
+    Returns (pairs, agreement of the labels with the gold order, ties counted half)."""
     makers = (retold,) if retell is True else tuple(retell or ())
     torch.manual_seed(seed)
     texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(k)], max_new_tokens, device=device,
@@ -181,8 +199,10 @@ def label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k=2, retell=
         twins = [(a, make(prompt, a, rng)) for a in own for make in makers]
         for a, b in list(itertools.combinations(own, 2)) + [(a, b) for a, b in twins if a != b]:
             ga, gb = data.gold_reward(prompt, a), data.gold_reward(prompt, b)
-            chosen, rejected = (a, b) if bt_label(ga, gb, tau, rng) else (b, a)
+            a_wins, margin = graded_label(ga, gb, tau, rng)
+            chosen, rejected = (a, b) if a_wins else (b, a)
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            pairs[-1].update({"margin": margin} if grades else {})
             agree.append(0.5 if ga == gb else float((ga > gb) == (chosen == a)))
     return pairs, sum(agree) / len(agree)
 
@@ -204,7 +224,7 @@ def label_training_pairs(cfg):
         prompts = sft.train_prompts(cfg.n_prompts, cfg.seed)
         t0 = time.time()
         pairs, agreement = label_pairs(policy, prompts, cfg.tau, cfg.max_new_tokens, device, cfg.seed, cfg.k,
-                                       cfg.retell)
+                                       cfg.retell, cfg.grades)
         save_pairs(cfg, pairs)
         print(f"labelled {len(pairs)} pairs in {time.time() - t0:.0f}s; agreement with gold {agreement:.3f}")
     barrier()
@@ -298,15 +318,25 @@ def prompt_swap(score_fn, pairs):
             "gold_drop": 1 - gold_other, "pairs": len(pairs)}
 
 
+def twins(pairs):
+    """The pairs whose two responses differ only in their names, animals and places: a sample and its retold twin,
+    which only the request decides. Found by their texts, so a user's file has them too where it has such pairs."""
+    kinds = re.compile(rf"\b({'|'.join(data.NAMES + data.ANIMALS + data.PLACES)})\b")
+    same = lambda p: kinds.sub("_", p["chosen"]) == kinds.sub("_", p["rejected"])  # noqa: E731
+    return [p for p in pairs if p["chosen"] != p["rejected"] and same(p)]
+
+
 def train_reward_model(rm, pairs, cfg, device):
-    """Bradley-Terry training on pairs; returns the per-step history."""
+    """Bradley-Terry training on pairs, the first cfg.twin_steps on their twins alone (if they have any); returns
+    the per-step history."""
     optimizer = sft.make_optimizer(rm, cfg.lr, cfg.weight_decay, device)
     rng = torch.Generator().manual_seed(cfg.seed)
-    history = []
+    contrast, history = twins(pairs), []
     for step in range(cfg.steps):
         t0 = time.time()
         rm.train()
-        batch = my_share([pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size,), generator=rng)])
+        pool = contrast if step < cfg.twin_steps and contrast else pairs  # the curriculum: the request first
+        batch = my_share([pool[i] for i in torch.randint(len(pool), (cfg.batch_size,), generator=rng)])
         prompts = [p["prompt"] for p in batch]
         # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
         ids, mask = tokenize_responses(prompts * 2, [p["chosen"] for p in batch] + [p["rejected"] for p in batch])

@@ -241,7 +241,8 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
         rows.append(row("DPO", f"beta={beta:g}", metrics, seconds))
     # 5. beyond the seeds' PPO: the gold oracle, the critic-free advantages, rejection sampling before PPO
     for beta in floats(cfg.oracle_betas):
-        metrics, seconds = run_ppo(f"ppo_gold_beta{beta:g}", kl_coef=beta, reward="gold")
+        # on g's own scale, as the shipped runs were made: beta on g is 2 beta on ppo.py's oracle, g / tau
+        metrics, seconds = run_ppo(f"ppo_gold_beta{beta:g}", kl_coef=beta, reward="gold", gold_scale=1.0)
         rows.append(row("PPO on the gold human", f"beta={beta:g}", metrics, seconds))
     for advantage in names(cfg.advantages):
         metrics, seconds = run_ppo(f"ppo_{advantage}", advantage=advantage)

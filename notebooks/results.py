@@ -184,18 +184,28 @@ def drop_share(rm):
     return swap["drop"] / swap["gold_drop"] if swap["gold_drop"] else None
 
 
+def expected(r, method, key):
+    """A method's follow or win rate over SFT as an expectation over several samples a prompt where the seed has
+    them (seeds.py's expectations), else its one draw as the stage measured it."""
+    if "expected" in r:
+        return r["expected"][method][key]
+    return r["ppo"]["follow_rate_sft"] if method == "sft" else r[method][key]
+
+
+def gain(r, method):
+    return 100 * (expected(r, method, "follow_rate") - expected(r, "sft", "follow_rate"))
+
+
 # issue-style checks of the InstructGPT claim, each judged on the worst seed: (what, function of a row, >= or <=, bound)
 CHECKS = [
-    ("SFT follow rate", lambda r: r["ppo"]["follow_rate_sft"], ">=", 0.60),
+    ("SFT follow rate", lambda r: expected(r, "sft", "follow_rate"), ">=", 0.60),
     ("reward model: prompt-swap drop / the gold human's", lambda r: drop_share(r["reward"]), ">=", 0.60),
     ("reward model: points under the labels' ceiling", lambda r: gap(r["reward"]), "<=", 8.0),
-    ("PPO: follow rate over SFT (points)", lambda r: 100 * (r["ppo"]["follow_rate"] - r["ppo"]["follow_rate_sft"]),
-     ">=", 15.0),
-    ("PPO: win rate vs SFT", lambda r: r["ppo"]["win_rate_vs_sft"], ">=", 0.78),
+    ("PPO: follow rate over SFT (points)", lambda r: gain(r, "ppo"), ">=", 15.0),
+    ("PPO: win rate vs SFT", lambda r: expected(r, "ppo", "win_rate_vs_sft"), ">=", 0.78),
     ("PPO: KL (nats)", lambda r: r["ppo"]["kl"], "<=", 3.0),
-    ("DPO: follow rate over SFT (points)", lambda r: 100 * (r["dpo"]["follow_rate"] - r["dpo"]["follow_rate_sft"]),
-     ">=", 15.0),
-    ("DPO: win rate vs SFT", lambda r: r["dpo"]["win_rate_vs_sft"], ">=", 0.78),
+    ("DPO: follow rate over SFT (points)", lambda r: gain(r, "dpo"), ">=", 15.0),
+    ("DPO: win rate vs SFT", lambda r: expected(r, "dpo", "win_rate_vs_sft"), ">=", 0.78),
     ("DPO: KL (nats)", lambda r: r["dpo"]["kl"], "<=", 3.0),
 ]
 
@@ -209,7 +219,7 @@ def checks_table(rows):
         worst = min(xs) if op == ">=" else max(xs)
         ok = worst >= bound if op == ">=" else worst <= bound
         lines.append(f"| {what} | {op} {bound:g} | {worst:.3g} | {sum(xs) / len(xs):.3g} | {'yes' if ok else 'no'} |")
-    win = [r["ppo"]["win_rate_vs_sft"] for r in rows]
+    win = [expected(r, "ppo", "win_rate_vs_sft") for r in rows]
     if len(win) > 1:  # one seed has no spread
         lines.append(f"| PPO: win-rate spread over the seeds (max - min) | <= 0.08 | {max(win) - min(win):.3g} | | "
                      f"{'yes' if max(win) - min(win) <= 0.08 else 'no'} |")
@@ -273,6 +283,11 @@ def results_page(record, levers=None):
         out += [f"### Time per stage (seconds, on {where})", "",
                 per_seed_table(rows, [(s, (lambda s: lambda r: r["seconds"].get(s))(s), ".0f") for s in stages]), ""]
         out += ["### The InstructGPT claim, judged on the worst seed", "", checks_table(rows), ""]
+        n = [r["expected"]["samples"] for r in rows if "expected" in r]
+        if n:
+            out += [f"Follow and win rates here are expectations over {n[0]} samples a held-out prompt from each "
+                    f"model (`notebooks/seeds.py --samples`), on {len(n)} of the {len(rows)} seeds"
+                    + ("" if len(n) == len(rows) else "; on the others, each stage's one draw") + ".", ""]
     if levers:
         out.append(levers_section(levers))
     return "\n".join(out)

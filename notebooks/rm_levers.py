@@ -12,7 +12,8 @@ reward.py measures it, on the same held-out pairs. The row `recipe` is each seed
   steps=2560        two passes over the ~10,000 pairs instead of one (reward.py's --steps)
   margin=small      LLaMA-2's margin loss -log sigmoid(r_w - r_l - m(grade)) (Touvron et al. 2023, eq. 2), the
   margin=large      labeller's grade of each preference mapped to m as in their appendix A.3.3: small (0, 1/3, 2/3,
-                    1), large (0, 1, 2, 3) for negligibly, slightly, clearly, significantly better
+  margin=none       1), large (0, 1, 2, 3) for negligibly, slightly, clearly, significantly better; none: m = 0,
+                    the plain Bradley-Terry loss on the same pairs (the recipe's own pairs carry small margins)
   tau=0.25          a less noisy labeller: the training pairs relabelled by reward.bt_label at this tau, the
                     held-out pairs labelled afresh with it (so the ceiling moves too)
   lr=2e-3           any other field of reward.Config, as --field=value would set it; data=<pairs.jsonl> trains
@@ -26,11 +27,11 @@ reward.py measures it, on the same held-out pairs. The row `recipe` is each seed
                     (member 0 is the recipe's own), scored by their mean r(x, y) = 1/K sum_k r_k(x, y) (Coste et
                     al. 2023); each member is measured too, as the row `ensemble=3#k`: the spread within one seed
 
-The graded labeller: the simulated human perceives z = g(a) - g(b) + tau * eps, eps ~ Logistic(0, 1), and prefers
-a when z > 0, which is exactly the Bradley-Terry labeller of reward.bt_label (P(z > 0) = sigmoid((g(a) - g(b)) /
-tau)); its grade is how large |z| was (under 0.5, 1.5, 3 and above). The seeds' pairs were labelled without
-grades, so each pair's z is drawn given the choice the labeller made (z > 0 for the chosen response): the same
-joint distribution of labels and grades a graded labeller would have produced.
+The graded labeller is reward.graded_label: the simulated human perceives z = g(a) - g(b) + tau * eps, eps ~
+Logistic(0, 1), prefers a when z > 0 (the Bradley-Terry labeller) and grades |z| (under 0.5, 1.5, 3 and above).
+The recipe's pairs carry those grades since the margin became the recipe; a margin lever here grades the pairs
+again, each pair's z drawn given the choice the labeller made (z > 0 for the chosen response): the same joint
+distribution of labels and grades. The rows above were measured on chains whose pairs had no grades.
 
 Run:  python notebooks/rm_levers.py [--seeds=1337,3,4] [--variants="steps=2560;margin=small"]
       -> out/rm_levers/results.json (a (seed, variant) done before is reused); `notebooks/results.py --update`
@@ -66,21 +67,22 @@ class Config:
     device: str = "auto"
     seeds: str = "1337,3,4"
     """comma-separated seeds, each with a chain built by notebooks/seeds.py"""
-    variants: str = "steps=2560;margin=small;margin=small,steps=2560"
-    """levers, separated by ';': each a comma-separated list of field=value (reward.Config's fields, or margin)"""
+    variants: str = "steps=1280,twin_steps=0,margin=none;margin=none;twin_steps=0"
+    """levers, separated by ';': each a comma-separated list of field=value (reward.Config's fields, or margin);
+    the default takes the recipe apart: the reward model before it, without the margin, without the curriculum"""
     threads: int = 1
     """torch threads: the seeds' chains were built on one"""
 
 
-MARGINS = {"small": (0.0, 1 / 3, 2 / 3, 1.0), "large": (0.0, 1.0, 2.0, 3.0)}  # LLaMA-2, appendix A.3.3
-GRADES = (0.5, 1.5, 3.0)  # |z| below each: negligibly, slightly, clearly better; above the last: significantly
+MARGINS = {"small": reward.MARGINS, "large": (0.0, 1.0, 2.0, 3.0), "none": (0.0,) * 4}  # LLaMA-2, appendix A.3.3
+GRADES = reward.GRADES  # |z| below each: negligibly, slightly, clearly better; above the last: significantly
 
 
 def check(cfg):
     yield from run_fields(cfg)
     yield "seeds", all(s.isdigit() for s in names(cfg.seeds)) and bool(names(cfg.seeds)), "comma-separated integers"
     yield "variants", all(parse_variant(v) is not None for v in cfg.variants.split(";")), \
-        "levers separated by ';', each field=value,... with reward.Config's fields or margin=small|large"
+        "levers separated by ';', each field=value,... with reward.Config's fields or margin=small|large|none"
     yield "threads", cfg.threads >= 0, ">= 0"
 
 

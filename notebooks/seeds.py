@@ -22,13 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import dpo  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
 from frontier import names, run_experiment, timed_run  # noqa: E402
 from results import cpu_model  # noqa: E402
-from model import atomic_write, parse_config, pick_device, resolve_preset, run_fields  # noqa: E402
+from model import atomic_write, load_model, parse_config, pick_device, resolve_preset, run_fields  # noqa: E402
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Config:
     """also rejection sampling (reward.py --stage=rejection)"""
     oracle: bool = True
     """also PPO on the gold human itself (ppo.py --reward=gold): what a perfect reward model would buy"""
+    samples: int = 4
+    """samples a held-out prompt for the expected follow and win rates the checks are judged on; 0: none"""
 
 
 PRESETS = {"small": {}, "medium": {}}  # the experiment's own fields are the same on both; the preset sizes each stage
@@ -58,6 +61,7 @@ def check(cfg):
     yield from run_fields(cfg)
     yield "seeds", seed_list(cfg.seeds) is not None, "comma-separated integers, at least one"
     yield "threads", cfg.threads >= 0, ">= 0"
+    yield "samples", cfg.samples >= 0, ">= 0"
 
 
 def seed_list(text):
@@ -81,6 +85,30 @@ def summary(path, keys=FIELDS):
     with open(path) as f:
         metrics = json.load(f)
     return {k: metrics[k] for k in keys if k in metrics}
+
+
+def expectations(folder, pcfg, n, device):
+    """The follow rate and the win rate over SFT as expectations, not one draw: n samples a held-out prompt from
+    each of SFT, PPO and DPO (ppo.py's eval prompts), the follow rate averaged over all of them, and the win rate
+    over all n * n pairs of a method's sample and SFT's on each prompt (ties half). One draw of 256 samples moves a
+    rate by about 0.03; these move by about half that. Returns {"samples": n, model: {"follow_rate", ...}}."""
+    prompts = sft.eval_prompts(pcfg.eval_prompts)
+    many = [p for p in prompts for _ in range(n)]
+    texts = {}
+    for name, path in (("sft", "sft"), ("ppo", "ppo"), ("dpo", "dpo")):
+        torch.manual_seed(pcfg.seed + 5)  # the same draws for the three models, apart from their own weights
+        texts[name], *_ = sft.sample(load_model(sft.output_path(path, folder), device), many, pcfg.max_new_tokens,
+                                     device=device, batch_size=128)
+    gold = {k: [data.gold_reward(p, t) for p, t in zip(many, v)] for k, v in texts.items()}  # (P * n,) each
+    out = {"samples": n}
+    for name in texts:
+        out[name] = {"follow_rate": sum(map(data.follows, many, texts[name])) / len(many)}
+        if name != "sft":
+            # win rate = mean over prompts i and sample pairs (j, k) of [g(y_ij) > g(sft_ik)], ties half
+            wins = [0.5 if a == b else float(a > b) for i in range(len(prompts))
+                    for a in gold[name][i * n:(i + 1) * n] for b in gold["sft"][i * n:(i + 1) * n]]
+            out[name]["win_rate_vs_sft"] = sum(wins) / len(wins)
+    return out
 
 
 def run_seed(seed, cfg):
@@ -141,6 +169,19 @@ def run_seed(seed, cfg):
         row["rejection"] = summary(path("rejection"))
     if cfg.oracle:
         row["oracle"] = summary(path("oracle", "ppo"))
+    if cfg.samples:
+        expected_path = os.path.join(folder, "expected.json")
+        built_from = {k: sft.record_id(sft.read_record(sft.output_path(k, folder))) for k in ("sft", "ppo", "dpo")}
+        old = json.load(open(expected_path)) if os.path.exists(expected_path) else {}
+        if (old.get("built_from"), old.get("samples")) != (built_from, cfg.samples):  # of these very models
+            t0 = time.time()
+            expected = {**expectations(folder, pcfg, cfg.samples, pick_device(cfg.device)), "built_from": built_from}
+            seconds["expected"] = round(time.time() - t0, 1)
+            with atomic_write(expected_path) as f:
+                json.dump(expected, f, indent=1)
+            with atomic_write(times_path) as f:
+                json.dump(seconds, f, indent=1)
+        row["expected"] = json.load(open(expected_path))
     return row
 
 

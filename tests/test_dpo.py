@@ -2,6 +2,7 @@
 sequence log-probs against a one-pair-at-a-time loop, a tiny DPO run that learns a toy preference, and train()
 end to end on a tiny model."""
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -142,6 +143,22 @@ def test_tiny_dpo_run_raises_the_margin():
     assert after["reward_margin"] > 0.5 and after["reward_accuracy"] == 1.0
     assert after["loss"] < math.log(2) - 0.2
     assert len(history) == 12 and "val_reward_accuracy" in history[5] and "val_reward_accuracy" not in history[6]
+
+
+def test_nll_term_is_the_chosen_responses_per_token_nll():
+    # at step 0 the policy is pi_ref, so the DPO loss is log 2 and the rest is alpha * (-log pi(y_w|x) / |y_w|)
+    policy = tiny_gpt()
+    pair = dpo.pair_tensors(toy_pairs()[:1], policy.config.block_size)  # one pair: every batch is it
+    ref_logps = dpo.reference_logps(policy, pair, "cpu")
+    (ids, labels), _ = pair[0]
+    n_tokens = int((labels != -1).sum())  # the response and its EOS
+    nll = -float(ref_logps[0, 0]) / n_tokens  # by hand: the summed log-prob over the count of response tokens
+    alpha = 0.5
+    cfg = dpo.Config(steps=1, batch_size=2, lr=1e-6, warmup=1, nll_coef=alpha)
+    history = dpo.optimize(copy.deepcopy(policy), pair, ref_logps, cfg, "cpu")
+    assert math.isclose(history[0]["loss"], math.log(2) + alpha * nll, rel_tol=1e-5)
+    plain = dpo.optimize(copy.deepcopy(policy), pair, ref_logps, dataclasses.replace(cfg, nll_coef=0.0), "cpu")
+    assert math.isclose(plain[0]["loss"], math.log(2), rel_tol=1e-5)
 
 
 def test_split_by_prompt_holds_out_whole_prompts():

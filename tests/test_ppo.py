@@ -10,6 +10,7 @@ import torch
 
 import data
 import ppo
+import reward
 import sft
 from model import GPT, GPTConfig, ScalarHeadModel, masked_whiten
 
@@ -211,6 +212,20 @@ def test_gold_reward_fn_scores_the_decoded_prompt_and_response():
     scores = ppo.gold_reward_fn(ids, mask, query.size(1))
     expected = [data.gold_reward(prompt, r) for r in responses]
     assert expected[0] > expected[1] and torch.allclose(scores, torch.tensor(expected))
+
+
+def test_the_oracle_is_paid_gold_scale_times_the_gold_reward():
+    prompt = data.alpaca_prompt("Write a story about Tom the cat at the park.")
+    eot = data.special(data.EOT)
+    query, query_mask = data.pad_left([torch.tensor(data.encode(prompt))], eot)
+    reply = torch.tensor([data.encode("Tom the cat went to the park. Tom was happy. The end.") + [eot]])
+    ids, mask = torch.cat([query, reply], 1), torch.ones(1, query.size(1) + reply.size(1), dtype=torch.bool)
+    g = ppo.gold_reward_fn(ids, mask, query.size(1))
+    for scale in (2.0, 1.0):  # 2 = 1 / reward.py's tau, the default
+        cfg = ppo.Config(reward="gold", gold_scale=scale, device="cpu")
+        *_, reward_fn = ppo.start_models(cfg, "cpu", policy=object(), ref=object(), critic=object())
+        assert torch.allclose(reward_fn(ids, mask, query.size(1)), scale * g)
+    assert ppo.Config().gold_scale == 1 / reward.Config().tau
 
 
 def test_tiny_rloo_and_grpo_raise_a_toy_reward_without_a_critic(tmp_path):

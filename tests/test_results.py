@@ -66,6 +66,21 @@ def test_checks_are_judged_on_the_worst_seed():
     assert "| 0.15 |" in spread and spread.endswith("| no |")
 
 
+def test_checks_use_a_seeds_expectations_where_it_has_them():
+    one_draw, with_expected = fake_row(1, 0.79), fake_row(2, 0.79)
+    with_expected["expected"] = {"samples": 4, "sft": {"follow_rate": 0.58},
+                                 "ppo": {"follow_rate": 0.80, "win_rate_vs_sft": 0.81},
+                                 "dpo": {"follow_rate": 0.70, "win_rate_vs_sft": 0.77}}
+    assert results.expected(one_draw, "sft", "follow_rate") == 0.7  # PPO's one draw of the SFT model
+    assert results.expected(with_expected, "sft", "follow_rate") == 0.58
+    assert round(results.gain(with_expected, "ppo"), 6) == 22.0 and round(results.gain(one_draw, "ppo"), 6) == 20.0
+    lines = results.checks_table([one_draw, with_expected]).splitlines()
+    row = lambda start: next(line for line in lines if line.startswith(start))  # noqa: E731
+    assert "| 0.58 |" in row("| SFT follow rate") and row("| SFT follow rate").endswith("| no |")
+    assert "| 0.77 |" in row("| DPO: win rate") and "| 12 |" in row("| DPO: follow rate")  # 70 - 58 points
+    assert "| 0.02 |" in lines[-1]  # PPO's spread: 0.81 expected against 0.79 drawn
+
+
 def test_sft_is_scored_as_ppo_scores_it():
     row = fake_row(1, 0.9)
     assert results.method_numbers(row, "sft") == dict(gold_reward=0.5, follow_rate=0.7, kl=0.0, win_rate_vs_sft=0.5)

@@ -92,6 +92,52 @@ def test_bt_label_rate_matches_sigmoid():
             assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, (tau, diff, rate, p)
 
 
+class Draws:
+    """A random.Random stand-in whose random() returns the given numbers in turn."""
+
+    def __init__(self, *u):
+        self.u = list(u)
+
+    def random(self):
+        return self.u.pop(0)
+
+
+def test_graded_label_hand_worked():
+    # u = 1/2: eps = log((1 - u) / u) = 0, so z = g(a) - g(b) and the grade is |z| against 0.5, 1.5, 3
+    for gap, margin in ((0.2, 0.0), (1.0, 1 / 3), (2.0, 2 / 3), (4.0, 1.0), (-2.0, 2 / 3)):
+        assert reward.graded_label(gap, 0.0, 0.5, Draws(0.5)) == (gap > 0, margin)
+    # u = 1 / (1 + e^2): eps = 2, z = g(a) - g(b) + tau * 2 = -1.2 + 1 = -0.2: b preferred, negligibly
+    a_wins, margin = reward.graded_label(-1.2, 0.0, 0.5, Draws(1 / (1 + math.exp(2))))
+    assert a_wins is False and margin == 0.0
+    # the preference is bt_label's, and the probability sigmoid((g(a) - g(b)) / tau), from the same draw
+    for u in (0.01, 0.3, 0.62, 0.99):
+        p = 1 / (1 + math.exp(-1.0 / 0.5))  # g(a) - g(b) = 1
+        assert reward.graded_label(1.0, 0.0, 0.5, Draws(u))[0] == (u < p) == reward.bt_label(1.0, 0.0, 0.5, Draws(u))
+
+
+def test_twins_are_the_pairs_that_differ_only_in_what_was_asked():
+    prompt = data.alpaca_prompt("Write a story about Tom the cat at the park.")
+    story = "Tom the cat went to the park. Tom was happy. The end."
+    pairs = [{"prompt": prompt, "chosen": story, "rejected": story.replace("Tom", "Lily")},  # a twin
+             {"prompt": prompt, "chosen": story, "rejected": story.replace("park", "beach")},  # a twin
+             {"prompt": prompt, "chosen": story, "rejected": story.replace("happy", "sad")},  # mood: not a twin
+             {"prompt": prompt, "chosen": story, "rejected": story}]  # the same text: not a pair of two
+    assert reward.twins(pairs) == pairs[:2]
+
+
+def test_the_first_twin_steps_train_on_twins_alone(monkeypatch):
+    prompt = data.alpaca_prompt("Write a story about Tom the cat at the park.")
+    story = "Tom the cat went to the park. Tom was happy. The end."
+    twin = {"prompt": prompt, "chosen": story, "rejected": story.replace("Tom", "Lily")}
+    other = {"prompt": prompt, "chosen": story, "rejected": story.replace("happy", "sad")}
+    seen, tokenize = [], reward.tokenize_responses
+    monkeypatch.setattr(reward, "tokenize_responses", lambda ps, rs: seen.append(rs) or tokenize(ps, rs))
+    cfg = reward.Config(steps=6, twin_steps=3, batch_size=4, lr=1e-3)
+    reward.train_reward_model(tiny_rm(), [twin] * 2 + [other] * 8, cfg, "cpu")
+    sad = [sum(r == other["rejected"] for r in rs) for rs in seen]  # the non-twin pairs in each step's batch
+    assert sad[:3] == [0, 0, 0] and sum(sad[3:]) > 0  # 4 pairs of 10 a step, 8 of them others: P(none) = 0.2^12
+
+
 def test_bt_label_nearly_noiseless_labeller():
     # tau -> 0 is a labeller who always prefers the better response; exp(-d / tau) must not overflow on the way
     rng = random.Random(0)
@@ -169,6 +215,21 @@ def test_reward_model_learns_a_toy_preference():
 
 
 # ----------------------------------------------------------------------------- labelled pairs and files
+
+def test_graded_pairs_are_the_same_preferences_with_the_labellers_margin():
+    policy, prompts = tiny_gpt(), train_prompts(8)
+    plain, _ = reward.label_pairs(policy, prompts, tau=0.5, max_new_tokens=8, device="cpu", seed=3)
+    graded, _ = reward.label_pairs(policy, prompts, tau=0.5, max_new_tokens=8, device="cpu", seed=3, grades=True)
+    assert [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in graded] == plain and "margin" not in plain[0]
+    torch.manual_seed(3)  # the same two samples a prompt, a and b of each pair
+    texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(2)], 8)
+    rng = random.Random(3)  # label_pairs' own draws, one a pair: the preferences and margins are graded_label's
+    for i, p in enumerate(graded):
+        a, b = texts[2 * i], texts[2 * i + 1]
+        a_wins, margin = reward.graded_label(data.gold_reward(p["prompt"], a), data.gold_reward(p["prompt"], b),
+                                             0.5, rng)
+        assert p["chosen"] == (a if a_wins else b) and p["margin"] == margin
+
 
 def test_label_pairs_one_per_prompt_and_agreement_from_gold():
     policy = tiny_gpt()
@@ -262,18 +323,19 @@ def test_prompt_swap_hand_made():
 def test_pairs_stage_uses_the_reward_config_it_is_given(tmp_path, monkeypatch):
     # `python reward.py --n_prompts=16 --k=3 --tau=0.1` must label 16 prompts at tau 0.1, not the preset's defaults
     cfg = reward.Config(out_dir=str(tmp_path), preset="small", device="cpu", n_prompts=16, k=3, tau=0.1,
-                        max_new_tokens=8, seed=5, retell=False)
+                        max_new_tokens=8, seed=5, retell=False, grades=False)
     sft.save_stage(str(tmp_path / "sft"), GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)),
                    {}, step=0, built_from=sft.record("sft", cfg))
     seen = {}
 
-    def fake_label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k, retell):
-        seen.update(n=len(prompts), tau=tau, max_new_tokens=max_new_tokens, seed=seed, k=k, retell=retell)
+    def fake_label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k, retell, grades):
+        seen.update(n=len(prompts), tau=tau, max_new_tokens=max_new_tokens, seed=seed, k=k, retell=retell,
+                    grades=grades)
         return [{"prompt": p, "chosen": "a", "rejected": "b"} for p in prompts], 1.0
 
     monkeypatch.setattr(reward, "label_pairs", fake_label_pairs)
     path = sft.ensure_stage("pairs", cfg)
-    assert seen == dict(n=16, tau=0.1, max_new_tokens=8, seed=5, k=3, retell=False)
+    assert seen == dict(n=16, tau=0.1, max_new_tokens=8, seed=5, k=3, retell=False, grades=False)
     assert len(reward.load_pairs(path)) == 16
     # asked again with the same settings, the pairs are reused; with another seed, the run stops before any work
     assert sft.ensure_stage("pairs", cfg) == path and seen["n"] == 16
