@@ -86,8 +86,8 @@ class Config:
     """pretraining only: run the forward through torch.compile (pays on CUDA; fixed shapes, one compile)"""
 
 
-# small: the defaults, the whole chain (ppo.py, then dpo.py) in about 12 minutes on 2 CPU cores; medium: 3x the
-# parameters and 1.5x the steps, 68.5 minutes on 2 CPU cores (README: both measured), what --preset=auto picks on CUDA
+# small: the defaults, the whole chain on 2 CPU cores in minutes; medium: 3x the parameters and 1.5x the steps, what
+# --preset=auto picks on CUDA (the README's results table says how long each took, measured)
 PRESETS = {"small": {}, "medium": dict(n_layer=6, n_head=6, n_embd=192, lr=2e-3, n_docs=30000, n_demos=6000,
                                        pretrain_steps=2400, sft_steps=900)}
 

@@ -33,6 +33,9 @@ FIGURE = os.path.join(HERE, "figures", "results.png")
 PROCESSES = os.path.join(HERE, "figures", "processes.json")  # tests/benchmark.py --processes=N writes it
 CHAIN_TIME = os.path.join(HERE, "figures", "chain_time.json")  # python notebooks/results.py --time writes it
 LEVERS = os.path.join(HERE, "figures", "rm_levers.json")  # notebooks/rm_levers.py's results, copied by --update
+# the levers measured on the chains before the reward model took graded labels and the twin curriculum: what
+# decided that recipe (its `recipe` rows are the reward model before it)
+LEVERS_BEFORE = os.path.join(HERE, "figures", "rm_levers_before.json")
 BEGIN, END = "<!-- results: rendered by notebooks/results.py -->", "<!-- /results -->"
 BON_N = 16  # the best-of-N row of the table
 
@@ -233,9 +236,9 @@ def method_columns(key):
             ("KL (nats)", get("kl"), ".3f"), ("win rate vs SFT", get("win_rate_vs_sft"), ".3f")]
 
 
-def results_page(record, levers=None):
+def results_page(record, levers=None, before=None):
     """notebooks/RESULTS.md: the full record behind the README's table; with levers (notebooks/rm_levers.py's
-    results), a section on them."""
+    results) and before (the levers on the chains before the recipe changed), a section on each."""
     out = ["# Results, rendered from the runs", "",
            "Rendered by `python notebooks/results.py` from `notebooks/figures/seeds.json`, which "
            "`python notebooks/seeds.py` writes (each seed a whole chain of its own: pretraining, SFT, pairs, reward "
@@ -290,6 +293,8 @@ def results_page(record, levers=None):
                     + ("" if len(n) == len(rows) else "; on the others, each stage's one draw") + ".", ""]
     if levers:
         out.append(levers_section(levers))
+    if before:
+        out.append(levers_section(before, BEFORE_TITLE, BEFORE_NOTE))
     return "\n".join(out)
 
 
@@ -330,10 +335,17 @@ def better_levers(results):
     return ", ".join(out) or "none"
 
 
-def levers_section(levers):
+BEFORE_TITLE = "Reward-model levers, on the chains before the recipe changed"
+BEFORE_NOTE = ("These chains' pairs had no grades and their reward model no curriculum: 1280 steps of the plain "
+               "Bradley-Terry loss (the row `recipe`); a margin lever graded their pairs afresh. These are the runs "
+               "that chose the margin and two passes over the pairs; the twin curriculum was chosen after them, on "
+               "the seeds' chains (`notebooks/rm_levers.py`'s default levers take today's recipe apart).")
+
+
+def levers_section(levers, title="Reward-model levers, on the seeds' own chains", note=""):
     """RESULTS.md's section on notebooks/rm_levers.py: reward models trained otherwise on the seeds' own chains."""
     seeds = sorted({r["seed"] for r in levers["rows"]})
-    return "\n".join(["## Reward-model levers, on the seeds' own chains", "",
+    return "\n".join([f"## {title}", "", *([note, ""] if note else []),
                       f"`python notebooks/rm_levers.py` (the {levers['preset']} preset; seeds "
                       f"{', '.join(map(str, seeds))}): each lever is one reward model a seed, trained on that seed's "
                       "SFT model and pairs and measured on its held-out pairs as reward.py measures it; an ensemble "
@@ -463,7 +475,7 @@ def main():
     with open(README, "w") as f:
         f.write(with_table(readme, readme_table(record, optional_record(PROCESSES), optional_record(CHAIN_TIME))))
     with open(PAGE, "w") as f:
-        f.write(results_page(record, optional_record(LEVERS)))
+        f.write(results_page(record, optional_record(LEVERS), optional_record(LEVERS_BEFORE)))
     write_figure(record)
     print(f"rendered {README}, {PAGE} and {FIGURE} from {RECORD}")
 

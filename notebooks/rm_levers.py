@@ -33,7 +33,7 @@ The recipe's pairs carry those grades since the margin became the recipe; a marg
 again, each pair's z drawn given the choice the labeller made (z > 0 for the chosen response): the same joint
 distribution of labels and grades. The rows above were measured on chains whose pairs had no grades.
 
-Run:  python notebooks/rm_levers.py [--seeds=1337,3,4] [--variants="steps=2560;margin=small"]
+Run:  python notebooks/rm_levers.py [--seeds=1337,3,4] [--variants="margin=none;twin_steps=0"]
       -> out/rm_levers/results.json (a (seed, variant) done before is reused); `notebooks/results.py --update`
          ships it as notebooks/figures/rm_levers.json and renders it into notebooks/RESULTS.md
 """

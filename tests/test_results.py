@@ -29,7 +29,8 @@ def test_readme_table_is_rendered_from_the_shipped_record(record):
 
 def test_results_page_is_rendered_from_the_shipped_record(record):
     with open(results.PAGE) as f:
-        assert f.read() == results.results_page(record, results.optional_record(results.LEVERS)), \
+        assert f.read() == results.results_page(record, results.optional_record(results.LEVERS),
+                                                     results.optional_record(results.LEVERS_BEFORE)), \
             "run python notebooks/results.py"
 
 
