@@ -47,7 +47,8 @@ def test_each_seed_has_a_chain_of_its_own(tiny_presets, tmp_path, capsys):
     for method in ("ppo", "dpo", "rejection", "oracle"):
         assert set(seeds.FIELDS) <= set(row[method]), method
     assert row["best_of_n"][0]["n"] == 1 and row["best_of_n"][0]["kl"] == 0
-    assert set(row["seconds"]) == {"pretrain", "sft", "pairs", "reward", "rejection", "ppo", "dpo", "oracle", "expected"}
+    assert set(row["seconds"]) == {"pretrain", "sft", "pairs", "reward", "rejection", "ppo", "dpo", "oracle",
+                                   "expected"}
     assert json.load(open(tmp_path / "small" / "results.json")) == results
     capsys.readouterr()
     again = seeds.train(cfg)  # everything is there: nothing is trained again, the same numbers come back
