@@ -318,12 +318,18 @@ def prompt_swap(score_fn, pairs):
             "gold_drop": 1 - gold_other, "pairs": len(pairs)}
 
 
+KINDS = re.compile(rf"\b({'|'.join(data.NAMES + data.ANIMALS + data.PLACES)})\b")  # what a retold twin changes
+
+
+def is_twin(pair):
+    """Do the pair's two responses differ only in their names, animals and places: a sample and its retold twin,
+    which only the request decides? Found by their texts, so a user's file has them too where it has such pairs."""
+    return pair["chosen"] != pair["rejected"] and KINDS.sub("_", pair["chosen"]) == KINDS.sub("_", pair["rejected"])
+
+
 def twins(pairs):
-    """The pairs whose two responses differ only in their names, animals and places: a sample and its retold twin,
-    which only the request decides. Found by their texts, so a user's file has them too where it has such pairs."""
-    kinds = re.compile(rf"\b({'|'.join(data.NAMES + data.ANIMALS + data.PLACES)})\b")
-    same = lambda p: kinds.sub("_", p["chosen"]) == kinds.sub("_", p["rejected"])  # noqa: E731
-    return [p for p in pairs if p["chosen"] != p["rejected"] and same(p)]
+    """The twin pairs among pairs (is_twin)."""
+    return [p for p in pairs if is_twin(p)]
 
 
 def train_reward_model(rm, pairs, cfg, device):

@@ -197,7 +197,8 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
     cfg.steps); every run changes only beta, and out_dir to its own folder. Returns the results dict."""
     start, device = time.time(), pick_device(cfg.device)
     argv = [f"--preset={cfg.preset}", f"--device={cfg.device}"] + ([f"--steps={cfg.steps}"] if cfg.steps else [])
-    ppo_cfg = ppo_cfg or parse_config(ppo.Config, argv, ppo.PRESETS, ppo.check)
+    # a frontier is one fixed beta a run: not the recipe's KL target, which would bring every beta to one KL
+    ppo_cfg = ppo_cfg or parse_config(ppo.Config, argv + ["--adaptive_kl=false"], ppo.PRESETS, ppo.check)
     dpo_cfg = dpo_cfg or parse_config(dpo.Config, argv, dpo.PRESETS, dpo.check)
     # 1. the shared earlier stages, built if missing: pretrain -> SFT -> reward model and its preference pairs
     rm_path = sft.ensure_stage("reward", cfg)

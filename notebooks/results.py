@@ -36,12 +36,25 @@ LEVERS = os.path.join(HERE, "figures", "rm_levers.json")  # notebooks/rm_levers.
 # the levers measured on the chains before the reward model took graded labels and the twin curriculum: what
 # decided that recipe (its `recipe` rows are the reward model before it)
 LEVERS_BEFORE = os.path.join(HERE, "figures", "rm_levers_before.json")
+RECIPE_BEFORE = os.path.join(HERE, "figures", "seeds_before.json")  # the small seeds before the recipe's last change
 BEGIN, END = "<!-- results: rendered by notebooks/results.py -->", "<!-- /results -->"
 BON_N = 16  # the best-of-N row of the table
 
 # (key of a seed's row, the method's name in the table)
 METHODS = [("sft", "SFT"), ("best_of_n", f"best-of-{BON_N}"), ("rejection", "rejection sampling (best-of-8 as SFT data)"),
-           ("ppo", "PPO, beta=0.3"), ("dpo", "DPO, beta=0.3"), ("oracle", "PPO on the gold human (oracle)")]
+           ("ppo", "PPO"), ("dpo", "DPO"), ("oracle", "PPO on the gold human (oracle)")]
+
+
+def method_settings(rows):
+    """What PPO and DPO ran with on these seeds, in words, from each row's settings (seeds.settings)."""
+    def ppo_words(p):
+        if p["adaptive_kl"]:
+            return f"beta adapted towards a KL of {p['target_kl']:g} nats from {p['kl_coef']:g}"
+        return f"beta={p['kl_coef']:g}"
+    def dpo_words(d):
+        return f"beta={d['beta']:g}, {d['steps']} steps on {'all the pairs' if d['twins'] else 'the sampled pairs'}"
+    words = {f"PPO {ppo_words(r['settings']['ppo'])}; DPO {dpo_words(r['settings']['dpo'])}" for r in rows}
+    return " / ".join(sorted(words))
 
 
 def method_numbers(seed_row, key):
@@ -142,9 +155,12 @@ def readme_table(record, processes=None, chain_time=None):
                          + "".join(f", {name} {minutes(rs, [key]):.1f}" for key, name in others) for m, rs in groups)
         lines.append(f"{p}: {'mean (worst to best) over ' if len(rows) > 1 else ''}{len(rows)} "
                      f"seed{'s' * (len(rows) != 1)} ({', '.join(str(r['seed']) for r in rows)}), "
-                     f"{'each ' if len(rows) > 1 else ''}a chain of its own, on {machines(rows)}; the chain "
+                     f"{'each ' if len(rows) > 1 else ''}a chain of its own, {method_settings(rows)}, on "
+                     f"{machines(rows)}; the chain "
                      f"`python ppo.py` builds took {took}, on one thread while other runs shared the cores"
                      + (f" ({', '.join(missing)}: not run on this preset)." if missing else "."))
+    if record.get("small", {}).get("seeds"):
+        lines.append(checks_line(record["small"]["seeds"]))
     if chain_time:
         took = "; ".join(f"{r['seconds'] / 60:.1f} minutes on {r['machine']}" for r in chain_time)
         lines.append(f"`python ppo.py` from a fresh start took {took}; nothing else running "
@@ -213,20 +229,74 @@ CHECKS = [
 ]
 
 
-def checks_table(rows):
-    lines = ["| check | bound | worst seed | mean | holds on every seed |", "| --- | ---: | ---: | ---: | --- |"]
+def worst(xs, op):
+    return min(xs) if op == ">=" else max(xs)
+
+
+def judged(rows):
+    """Each check judged on the worst seed: [(what, op, bound, worst, mean or None, holds)], the PPO win rate's
+    spread over the seeds last (when there are several)."""
+    out = []
     for what, f, op, bound in CHECKS:
         xs = [x for x in map(f, rows) if x is not None]
-        if not xs:
-            continue
-        worst = min(xs) if op == ">=" else max(xs)
-        ok = worst >= bound if op == ">=" else worst <= bound
-        lines.append(f"| {what} | {op} {bound:g} | {worst:.3g} | {sum(xs) / len(xs):.3g} | {'yes' if ok else 'no'} |")
+        if xs:
+            w = worst(xs, op)
+            out.append((what, op, bound, w, sum(xs) / len(xs), w >= bound if op == ">=" else w <= bound))
     win = [expected(r, "ppo", "win_rate_vs_sft") for r in rows]
     if len(win) > 1:  # one seed has no spread
-        lines.append(f"| PPO: win-rate spread over the seeds (max - min) | <= 0.08 | {max(win) - min(win):.3g} | | "
-                     f"{'yes' if max(win) - min(win) <= 0.08 else 'no'} |")
+        spread_ = max(win) - min(win)
+        out.append(("PPO: win-rate spread over the seeds (max - min)", "<=", 0.08, spread_, None, spread_ <= 0.08))
+    return out
+
+
+def checks_table(rows):
+    lines = ["| check | bound | worst seed | mean | holds on every seed |", "| --- | ---: | ---: | ---: | --- |"]
+    for what, op, bound, w, mean, ok in judged(rows):
+        lines.append(f"| {what} | {op} {bound:g} | {w:.3g} | {'' if mean is None else format(mean, '.3g')} | "
+                     f"{'yes' if ok else 'no'} |")
     return "\n".join(lines)
+
+
+def checks_line(rows):
+    """The README's line on the checks: which hold on the worst seed and which do not."""
+    verdicts = judged(rows)
+    said = lambda ok: "; ".join(f"{w} {op} {b:g}" for w, op, b, _, _, o in verdicts if o == ok) or "none"  # noqa: E731
+    return (f"Judged on the worst of these seeds (RESULTS.md), the checks of the InstructGPT claim that hold: "
+            f"{said(True)}. The ones that do not: {said(False)}.")
+
+
+def change_table(before_rows, rows):
+    """Each check seed by seed, `before -> now`: before_rows the seeds of the recipe before its last change, rows
+    today's; then each side's worst seed. Only the seeds both have, so a change is judged on the same seeds."""
+    seeds = [r["seed"] for r in rows if r["seed"] in {b["seed"] for b in before_rows}]
+    old, new = ({r["seed"]: r for r in rs} for rs in (before_rows, rows))
+    lines = [f"| check | bound | {' | '.join(f'seed {s}' for s in seeds)} | worst seed |",
+             "| --- | ---: |" + " ---: |" * (len(seeds) + 1)]
+    win = lambda r: expected(r, "ppo", "win_rate_vs_sft")  # noqa: E731
+    for what, f, op, bound in CHECKS:
+        pairs = [(f(old[s]), f(new[s])) for s in seeds]
+        cells = [f"{a:.3g} -> {b:.3g}" for a, b in pairs]
+        lines.append(f"| {what} | {op} {bound:g} | {' | '.join(cells)} | "
+                     f"{worst([a for a, _ in pairs], op):.3g} -> {worst([b for _, b in pairs], op):.3g} |")
+    spreads = [max(map(win, rs)) - min(map(win, rs)) for rs in ([old[s] for s in seeds], [new[s] for s in seeds])]
+    lines.append(f"| PPO: win-rate spread over the seeds (max - min) | <= 0.08 | {' | ' * (len(seeds) - 1)} | "
+                 f"{spreads[0]:.3g} -> {spreads[1]:.3g} |")
+    return "\n".join(lines)
+
+
+def change_section(before, record):
+    """RESULTS.md's section on the recipes before today's (RECIPE_BEFORE: a list of {"recipe", "small"}): the checks
+    on each one's seeds, next to today's on the same seeds."""
+    rows = record["small"]["seeds"]
+    out = ["## How the recipe came to be, seed by seed", "",
+           "The checks above on the small preset's chains of earlier recipes (`notebooks/figures/seeds_before.json`) "
+           f"and on today's ({method_settings(rows)}), seed by seed: each seed is a whole chain of its own each "
+           "time, so a seed's two numbers differ by the change and by the chain's chaos, and the worst seed is what "
+           "a claim is judged on.", ""]
+    for earlier in before:
+        out += [f"### {earlier['recipe']} -> today's", "",
+                f"On {machines(earlier['small']['seeds'])}.", "", change_table(earlier["small"]["seeds"], rows), ""]
+    return "\n".join(out)
 
 
 def method_columns(key):
@@ -236,9 +306,10 @@ def method_columns(key):
             ("KL (nats)", get("kl"), ".3f"), ("win rate vs SFT", get("win_rate_vs_sft"), ".3f")]
 
 
-def results_page(record, levers=None, before=None):
+def results_page(record, levers=None, before=None, recipe_before=None):
     """notebooks/RESULTS.md: the full record behind the README's table; with levers (notebooks/rm_levers.py's
-    results) and before (the levers on the chains before the recipe changed), a section on each."""
+    results), before (the levers on the chains before the recipe changed) and recipe_before (the seeds before the
+    recipe's last change, RECIPE_BEFORE), a section on each."""
     out = ["# Results, rendered from the runs", "",
            "Rendered by `python notebooks/results.py` from `notebooks/figures/seeds.json`, which "
            "`python notebooks/seeds.py` writes (each seed a whole chain of its own: pretraining, SFT, pairs, reward "
@@ -249,7 +320,7 @@ def results_page(record, levers=None, before=None):
             continue
         rows = record[preset]["seeds"]
         out += [f"## The `{preset}` preset: {len(rows)} seed{'s' if len(rows) != 1 else ''}", "",
-                f"Machine{'s' * (len(by_machine(rows)) > 1)}: {machines(rows)}.", ""]
+                f"Machine{'s' * (len(by_machine(rows)) > 1)}: {machines(rows)}. {method_settings(rows)}.", ""]
         out += ["### Stages 1-2: pretraining and SFT", "", per_seed_table(rows, [
             ("pretraining val loss (nats/token)", lambda r: r["pretrain"]["val_loss"], ".4f"),
             ("pretrained follow rate (128 prompts)", lambda r: r["sft"]["pretrained_follow_rate"], ".3f"),
@@ -291,6 +362,8 @@ def results_page(record, levers=None, before=None):
             out += [f"Follow and win rates here are expectations over {n[0]} samples a held-out prompt from each "
                     f"model (`notebooks/seeds.py --samples`), on {len(n)} of the {len(rows)} seeds"
                     + ("" if len(n) == len(rows) else "; on the others, each stage's one draw") + ".", ""]
+    if recipe_before:
+        out.append(change_section(recipe_before, record))
     if levers:
         out.append(levers_section(levers))
     if before:
@@ -475,7 +548,8 @@ def main():
     with open(README, "w") as f:
         f.write(with_table(readme, readme_table(record, optional_record(PROCESSES), optional_record(CHAIN_TIME))))
     with open(PAGE, "w") as f:
-        f.write(results_page(record, optional_record(LEVERS), optional_record(LEVERS_BEFORE)))
+        f.write(results_page(record, optional_record(LEVERS), optional_record(LEVERS_BEFORE),
+                             optional_record(RECIPE_BEFORE)))
     write_figure(record)
     print(f"rendered {README}, {PAGE} and {FIGURE} from {RECORD}")
 

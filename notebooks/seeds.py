@@ -87,6 +87,12 @@ def summary(path, keys=FIELDS):
     return {k: metrics[k] for k in keys if k in metrics}
 
 
+def settings(pcfg, dcfg):
+    """What a seed's PPO and DPO ran with, for the results' names of the methods (results.method_settings)."""
+    return {"ppo": {k: getattr(pcfg, k) for k in ("kl_coef", "adaptive_kl", "target_kl")},
+            "dpo": {k: getattr(dcfg, k) for k in ("beta", "steps", "twins")}}
+
+
 def expectations(folder, pcfg, n, device):
     """The follow rate and the win rate over SFT as expectations, not one draw: n samples a held-out prompt from
     each of SFT, PPO and DPO (ppo.py's eval prompts), the follow rate averaged over all of them, and the win rate
@@ -164,7 +170,8 @@ def run_seed(seed, cfg):
                                          "label_ceiling_expected", "train_accuracy", "rm_gold_correlation",
                                          "prompt_swap", "heldout_by_term")},
            "best_of_n": rm["best_of_n"],
-           "ppo": summary(path("ppo")), "dpo": summary(path("dpo"))}
+           "ppo": summary(path("ppo")), "dpo": summary(path("dpo")),
+           "settings": settings(pcfg, dcfg)}
     if cfg.rejection:
         row["rejection"] = summary(path("rejection"))
     if cfg.oracle:

@@ -77,7 +77,7 @@ def test_a_later_script_reuses_a_stage_built_with_other_settings_and_says_so(cha
     cfg, _ = chain
     sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="small", device="cpu"))
     out = capsys.readouterr().out
-    assert "== reusing" in out and "sft_steps=2 (this run: 600)" in out and "n_embd=32 (this run: 128)" in out
+    assert "== reusing" in out and "sft_steps=2 (this run: 900)" in out and "n_embd=32 (this run: 128)" in out
 
 
 def test_a_later_script_builds_the_earlier_stages_with_its_own_seed(chain, capsys):

@@ -181,3 +181,17 @@ def test_train_end_to_end_on_tiny_model(tmp_path):
         assert key in metrics and key in saved
     assert len(saved["history"]) == 3 and "reward_margin" in saved["history"][0]
     assert os.path.exists(tmp_path / "dpo" / "model.pt")
+
+
+def test_without_twins_trains_on_the_sampled_pairs_alone(tmp_path, capsys):
+    sampled = toy_pairs()
+    twin = {"prompt": sampled[0]["prompt"], "chosen": "Tom was happy. The end.", "rejected": "Lily was happy. The end."}
+    assert dpo.reward.is_twin(twin) and not any(dpo.reward.is_twin(p) for p in sampled)  # names alone differ
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(p) + "\n" for p in sampled + [twin] * 6))
+    cfg = dpo.Config(data=str(pairs_path), out_dir=str(tmp_path), preset="small", device="cpu", steps=1,
+                     batch_size=2, val_frac=0.0, eval_prompts=2, max_new_tokens=4)
+    sft.save_stage(str(tmp_path / "sft"), tiny_gpt(), {}, step=0, built_from=sft.record("sft", cfg))
+    for twins, n in ((True, 12), (False, 6)):
+        dpo.train(dataclasses.replace(cfg, twins=twins))
+        assert f"on {n} pairs, 0 held out" in capsys.readouterr().out

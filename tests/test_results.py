@@ -30,7 +30,8 @@ def test_readme_table_is_rendered_from_the_shipped_record(record):
 def test_results_page_is_rendered_from_the_shipped_record(record):
     with open(results.PAGE) as f:
         assert f.read() == results.results_page(record, results.optional_record(results.LEVERS),
-                                                     results.optional_record(results.LEVERS_BEFORE)), \
+                                                     results.optional_record(results.LEVERS_BEFORE),
+                                                     results.optional_record(results.RECIPE_BEFORE)), \
             "run python notebooks/results.py"
 
 
@@ -67,6 +68,15 @@ def test_checks_are_judged_on_the_worst_seed():
     assert "| 0.15 |" in spread and spread.endswith("| no |")
 
 
+def test_checks_line_names_what_holds_on_the_worst_seed():
+    line = results.checks_line([fake_row(1, 0.9), fake_row(2, 0.75)])
+    holds, fails = line.split(" The ones that do not: ")
+    assert "PPO: win rate vs SFT >= 0.78" in fails and "PPO: win rate vs SFT" not in holds  # 0.75 on seed 2
+    assert "PPO: win-rate spread over the seeds (max - min) <= 0.08" in fails  # 0.9 - 0.75
+    assert "reward model: points under the labels' ceiling <= 8" in holds  # 3 points on both seeds
+    assert results.checks_line([fake_row(1, 0.9)]).endswith("The ones that do not: none.")  # one seed: no spread
+
+
 def test_checks_use_a_seeds_expectations_where_it_has_them():
     one_draw, with_expected = fake_row(1, 0.79), fake_row(2, 0.79)
     with_expected["expected"] = {"samples": 4, "sft": {"follow_rate": 0.58},
@@ -86,6 +96,20 @@ def test_sft_is_scored_as_ppo_scores_it():
     row = fake_row(1, 0.9)
     assert results.method_numbers(row, "sft") == dict(gold_reward=0.5, follow_rate=0.7, kl=0.0, win_rate_vs_sft=0.5)
     assert results.method_numbers(row, "best_of_n") is None  # no N = 16 on this row: a "-" cell, not a made-up one
+
+
+def test_change_table_pairs_each_seed_with_itself_before():
+    before = [fake_row(1, 0.70), fake_row(2, 0.80), fake_row(9, 0.10)]  # seed 9 has no row now: left out
+    now = [fake_row(2, 0.85), fake_row(1, 0.82, sft_follow=0.55)]
+    lines = results.change_table(before, now).splitlines()
+    assert lines[0] == "| check | bound | seed 2 | seed 1 | worst seed |"  # today's order, shared seeds only
+    win = next(line for line in lines if line.startswith("| PPO: win rate"))
+    assert win == "| PPO: win rate vs SFT | >= 0.78 | 0.8 -> 0.85 | 0.7 -> 0.82 | 0.7 -> 0.82 |"
+    sft_row = next(line for line in lines if line.startswith("| SFT follow"))
+    assert sft_row.endswith("| 0.7 -> 0.55 |")  # the worst seed now is seed 1 (0.55), not the mean
+    kl = next(line for line in lines if line.startswith("| PPO: KL"))
+    assert kl.endswith("| 2 -> 2 |")  # a <= bound's worst is the largest
+    assert lines[-1].endswith("| 0.1 -> 0.03 |")  # spread over seeds 1 and 2 alone: 0.80 - 0.70, 0.85 - 0.82
 
 
 def test_missing_markers_are_one_clear_error():

@@ -14,6 +14,7 @@ import sft
 from model import load_checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks"))
+import results as results_module  # noqa: E402
 import seeds  # noqa: E402
 
 TINY = {sft: dict(n_layer=1, n_head=2, n_embd=32, block_size=128, n_docs=100, n_demos=50, pretrain_steps=3,
@@ -47,6 +48,13 @@ def test_each_seed_has_a_chain_of_its_own(tiny_presets, tmp_path, capsys):
     for method in ("ppo", "dpo", "rejection", "oracle"):
         assert set(seeds.FIELDS) <= set(row[method]), method
     assert row["best_of_n"][0]["n"] == 1 and row["best_of_n"][0]["kl"] == 0
+    ppo_config = json.load(open(tmp_path / "small" / "seed5" / "ppo" / "metrics.json"))["config"]
+    assert row["settings"]["ppo"] == {k: ppo_config[k] for k in ("kl_coef", "adaptive_kl", "target_kl")}
+    dpo_config = json.load(open(tmp_path / "small" / "seed5" / "dpo" / "metrics.json"))["config"]
+    assert row["settings"]["dpo"] == {k: dpo_config[k] for k in ("beta", "steps", "twins")}
+    assert results_module.method_settings([row]) == (  # the recipe, in words
+        f"PPO beta adapted towards a KL of {ppo_config['target_kl']:g} nats from {ppo_config['kl_coef']:g}; "
+        f"DPO beta={dpo_config['beta']:g}, {dpo_config['steps']} steps on the sampled pairs")
     assert set(row["seconds"]) == {"pretrain", "sft", "pairs", "reward", "rejection", "ppo", "dpo", "oracle",
                                    "expected"}
     assert json.load(open(tmp_path / "small" / "results.json")) == results
