@@ -64,7 +64,8 @@ class Config:
     """also train on the retold twin pairs (reward.is_twin: a sample and the same story told about someone else),
     which the reward model's curriculum starts from. Off: only pairs of two responses sampled for their prompt, the
     data DPO assumes (pi_ref's own, Section 4); a twin is a story pi_ref tells about someone else, and pushing its
-    log-probability down for this prompt cost the grammar of every story (notebooks/RESULTS.md, the recipe)"""
+    log-probability down for this prompt cost the grammar of every story (notebooks/RESULTS.md, "How the recipe
+    came to be")"""
     out_dir: str = "out"
     """where every stage reads and writes its checkpoint and metrics.json"""
     preset: str = "auto"
@@ -74,7 +75,8 @@ class Config:
     seed: int = 1337
     steps: int = 240
     """optimizer steps: on the sampled pairs alone (twins off) DPO moves less per step, and at 120 steps it stayed
-    well inside the KL that PPO spends while its win rate over SFT fell short (notebooks/RESULTS.md, the recipe)"""
+    well inside the KL that PPO spends while its win rate over SFT fell short (notebooks/RESULTS.md, "How the
+    recipe came to be")"""
     batch_size: int = 16
     """preference pairs per step (2 * batch_size sequences in one forward)"""
     lr: float = 1e-4

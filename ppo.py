@@ -98,7 +98,7 @@ class Config:
     adaptive_kl: bool = True
     """adapt beta towards target_kl (Ziegler et al. 2019, section 2.2); False keeps beta fixed (InstructGPT). On:
     how far a fixed beta lets PPO go depends on its reward model, and a reward model that reads the request well
-    took PPO past 3 nats at beta 0.3 (notebooks/RESULTS.md, the recipe's last change); kl_coef is where beta starts"""
+    took PPO past 3 nats at beta 0.3 (notebooks/RESULTS.md, "How the recipe came to be")"""
     target_kl: float = 2.5
     """KL_target: the sequence KL the adaptive controller aims for (nats)"""
     kl_horizon: int = 200

@@ -74,7 +74,8 @@ class Config:
     sft_steps: int = 900
     """SFT steps: the model must learn that the request, not the story before it, says whom a story is about. 900,
     not 600: the reward model starts from this model and learns from its samples, and on the seeds whose reward
-    model did not learn to read the request, 900 steps made it read it (notebooks/RESULTS.md)"""
+    model did not learn to read the request, 900 steps made it read it; the worst seed's too, though some other
+    seeds' reward models came out worse (notebooks/RESULTS.md, "How the recipe came to be")"""
     batch_size: int = 32
     """demonstrations per SFT step"""
     lr: float = 3e-3

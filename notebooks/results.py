@@ -36,7 +36,7 @@ LEVERS = os.path.join(HERE, "figures", "rm_levers.json")  # notebooks/rm_levers.
 # the levers measured on the chains before the reward model took graded labels and the twin curriculum: what
 # decided that recipe (its `recipe` rows are the reward model before it)
 LEVERS_BEFORE = os.path.join(HERE, "figures", "rm_levers_before.json")
-RECIPE_BEFORE = os.path.join(HERE, "figures", "seeds_before.json")  # the small seeds before the recipe's last change
+RECIPE_BEFORE = os.path.join(HERE, "figures", "seeds_before.json")  # the small preset's seeds of earlier recipes
 BEGIN, END = "<!-- results: rendered by notebooks/results.py -->", "<!-- /results -->"
 BON_N = 16  # the best-of-N row of the table
 
@@ -266,21 +266,18 @@ def checks_line(rows):
 
 
 def change_table(before_rows, rows):
-    """Each check seed by seed, `before -> now`: before_rows the seeds of the recipe before its last change, rows
-    today's; then each side's worst seed. Only the seeds both have, so a change is judged on the same seeds."""
+    """Each check seed by seed, `before -> now`: before_rows the seeds of an earlier recipe, rows today's; then each
+    side's worst seed (judged). Only the seeds both have, so a change is judged on the same seeds."""
     seeds = [r["seed"] for r in rows if r["seed"] in {b["seed"] for b in before_rows}]
     old, new = ({r["seed"]: r for r in rs} for rs in (before_rows, rows))
+    was, now = ({v[0]: v for v in judged([by[s] for s in seeds])} for by in (old, new))
+    per_seed = {what: f for what, f, _, _ in CHECKS}  # the spread has no per-seed value
     lines = [f"| check | bound | {' | '.join(f'seed {s}' for s in seeds)} | worst seed |",
              "| --- | ---: |" + " ---: |" * (len(seeds) + 1)]
-    win = lambda r: expected(r, "ppo", "win_rate_vs_sft")  # noqa: E731
-    for what, f, op, bound in CHECKS:
-        pairs = [(f(old[s]), f(new[s])) for s in seeds]
-        cells = [f"{a:.3g} -> {b:.3g}" for a, b in pairs]
-        lines.append(f"| {what} | {op} {bound:g} | {' | '.join(cells)} | "
-                     f"{worst([a for a, _ in pairs], op):.3g} -> {worst([b for _, b in pairs], op):.3g} |")
-    spreads = [max(map(win, rs)) - min(map(win, rs)) for rs in ([old[s] for s in seeds], [new[s] for s in seeds])]
-    lines.append(f"| PPO: win-rate spread over the seeds (max - min) | <= 0.08 | {' | ' * (len(seeds) - 1)} | "
-                 f"{spreads[0]:.3g} -> {spreads[1]:.3g} |")
+    for what, op, bound, worst_before, _, _ in was.values():
+        f = per_seed.get(what)
+        cells = [f"{f(old[s]):.3g} -> {f(new[s]):.3g}" if f else "" for s in seeds]
+        lines.append(f"| {what} | {op} {bound:g} | {' | '.join(cells)} | {worst_before:.3g} -> {now[what][3]:.3g} |")
     return "\n".join(lines)
 
 
@@ -308,8 +305,8 @@ def method_columns(key):
 
 def results_page(record, levers=None, before=None, recipe_before=None):
     """notebooks/RESULTS.md: the full record behind the README's table; with levers (notebooks/rm_levers.py's
-    results), before (the levers on the chains before the recipe changed) and recipe_before (the seeds before the
-    recipe's last change, RECIPE_BEFORE), a section on each."""
+    results), before (the levers on the chains before the recipe changed) and recipe_before (the seeds of earlier
+    recipes, RECIPE_BEFORE), a section on each."""
     out = ["# Results, rendered from the runs", "",
            "Rendered by `python notebooks/results.py` from `notebooks/figures/seeds.json`, which "
            "`python notebooks/seeds.py` writes (each seed a whole chain of its own: pretraining, SFT, pairs, reward "
@@ -441,12 +438,15 @@ def plot_results(record, ax, preset="small"):
     ax.plot(kls, golds, marker=".", color="grey", label="best-of-N (RM picks)")
     for n, k, g in zip(ns, kls, golds):
         ax.annotate(f"N={n}", (k, g), textcoords="offset points", xytext=(3, -10), fontsize=8, color="grey")
+    ppo_run, dpo_run = rows[0]["settings"]["ppo"], rows[0]["settings"]["dpo"]
+    setting = {"ppo": f"KL target {ppo_run['target_kl']:g}" if ppo_run["adaptive_kl"]  # the legend names each
+               else f"beta={ppo_run['kl_coef']:g}", "dpo": f"beta={dpo_run['beta']:g}"}  # method's setting
     for key, name in METHODS:
         if key == "best_of_n" or not column(record, preset, key, "kl"):
             continue
         (k, klo, khi), (g, glo, ghi) = (spread(column(record, preset, key, m)) for m in ("kl", "gold_reward"))
         ax.errorbar([k], [g], xerr=[[k - klo], [khi - k]], yerr=[[g - glo], [ghi - g]], fmt="o", capsize=3,
-                    label=name)
+                    label=f"{name}, {setting[key]}" if key in setting else name)
     ax.set(xlabel="KL(pi || pi_sft) on its own samples (nats)", ylabel="gold reward, 256 held-out prompts",
            title=f"What each method buys per nat ({preset} preset, {len(rows)} seeds: mean and range)")
     ax.grid(alpha=0.3)
