@@ -17,6 +17,7 @@ read the prompt (`prompt_swap` measures it). After training, the head's bias is 
 average (InstructGPT normalises the RM the same way).
 
 Run:  python reward.py                       (builds missing earlier stages; out/reward/)
+      python reward.py --stage=best_of_n     (the best-of-N curve on held-out prompts; out/best_of_n/)
       python reward.py --stage=rejection     (best-of-N samples become SFT data; out/rejection/)
       python reward.py --data=my_pairs.jsonl (your own preference pairs)
 """
@@ -42,7 +43,8 @@ from model import (ScalarHeadModel, atomic_write, autocast, barrier, check_finit
 @dataclass
 class Config:
     stage: str = "reward"
-    """reward: label pairs and train the reward model; rejection: rejection-sampling fine-tuning"""
+    """reward: label pairs and train the reward model; best_of_n: the best-of-N curve (a method of its own, not
+    part of the reward model: python ppo.py does not wait for it); rejection: rejection-sampling fine-tuning"""
     data: str = ""
     """a JSONL file of {"prompt", "chosen", "rejected"} pairs; empty: sample and label them here"""
     out_dir: str = "out"
@@ -93,7 +95,7 @@ PRESETS = {"small": {}, "medium": dict(n_prompts=1500, steps=3840, rs_steps=150)
 
 def check(cfg):
     """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
-    yield one_of(cfg, "stage", "reward", "rejection")
+    yield one_of(cfg, "stage", "reward", "best_of_n", "rejection")
     yield from files_or_empty(cfg, "data")
     yield from run_fields(cfg)
     yield from positive(cfg, "n_prompts", "n_eval_pairs", "tau", "steps", "batch_size", "lr", "max_new_tokens",
@@ -430,11 +432,10 @@ def training_accuracy(rm, pairs, cfg, device):
 
 @on_rank_0
 def evaluate_reward_model(rm, policy, pairs, eval_pairs, ceiling, cfg, device):
-    """centre_and_evaluate, the accuracy on training pairs, the best-of-N curve. Under torchrun rank 0 alone,
-    while the others wait for its numbers; its reward model is the one centred, and saved."""
+    """centre_and_evaluate and the accuracy on training pairs. Under torchrun rank 0 alone, while the others wait
+    for its numbers; its reward model is the one centred, and saved."""
     metrics = centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device)
     metrics["train_accuracy"] = training_accuracy(rm, pairs, cfg, device)
-    metrics["best_of_n"] = best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device)
     return metrics
 
 
@@ -480,6 +481,21 @@ def best_of_n_curve(policy, rm, prompts, cfg, device):
     return curve
 
 
+def best_of_n_stage(cfg):
+    """Best-of-N as a method of its own: no training, the curve (best_of_n_curve) of the SFT model and the reward
+    model, each built first if missing, on the first bon_prompts held-out prompts -> out/best_of_n/metrics.json.
+    Under torchrun rank 0 samples, and writes."""
+    device = pick_device(cfg.device)
+    rm = load_model(sft.ensure_stage("reward", cfg), device)
+    policy = load_model(sft.ensure_stage("sft", cfg), device)
+    metrics = {"best_of_n": best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device),
+               "config": asdict(cfg), "built_from": sft.record("best_of_n", cfg)}
+    if rank() == 0:
+        sft.write_metrics(os.path.join(cfg.out_dir, "best_of_n"), metrics)
+    barrier()
+    return metrics
+
+
 def rejection_sampling(cfg):
     """LLaMA-2's rejection sampling: best-of-rs_n SFT samples on training prompts become new SFT data (under
     torchrun rank 0's samples, the data of one process, which the processes then fine-tune on in shares)."""
@@ -507,7 +523,7 @@ def rejection_sampling(cfg):
 def main():
     cfg = parse_config(Config, presets=PRESETS, check=check)
     with one_line_errors(), data_parallel(cfg, "batch_size"):
-        (train if cfg.stage == "reward" else rejection_sampling)(cfg)
+        {"reward": train, "best_of_n": best_of_n_stage, "rejection": rejection_sampling}[cfg.stage](cfg)
 
 
 if __name__ == "__main__":

@@ -411,7 +411,8 @@ def compare_with_sft(policy, sft_model, prompts, max_new_tokens, device, seed=0,
 # ----------------------------------------------------------------------------- the chain of stages
 
 # Each stage: the script whose Config builds it, the stages it starts from, and the Config fields that shape what
-# it writes (the rest only change what is evaluated or printed). ppo and dpo end the chain: recorded, never reused.
+# it writes (the rest only change what is evaluated or printed). best_of_n, ppo and dpo end the chain: recorded, never
+# reused.
 CHAIN = {
     "pretrain":  ("sft", (), ("objective", "corpus", "seed", "n_layer", "n_head", "n_embd", "block_size", "dropout",
                               "n_docs", "pretrain_steps", "pretrain_batch_size", "lr", "weight_decay")),
@@ -422,6 +423,7 @@ CHAIN = {
                                                "weight_decay")),
     "rejection": ("reward", ("sft", "reward"), ("seed", "rs_prompts", "rs_n", "rs_steps", "batch_size", "lr",
                                                 "weight_decay", "max_new_tokens")),
+    "best_of_n": ("reward", ("sft", "reward"), ()),
     "ppo":       ("ppo", ("sft", "reward"), ()),
     "dpo":       ("dpo", ("sft", "pairs"), ()),
 }

@@ -7,6 +7,7 @@ The stored outputs are the ones a student sees before running anything, so run t
 each notebook reads the real run's out/<stage>/metrics.json (and says which command writes it when it is missing).
 
 Run:  python ppo.py && python dpo.py && python reward.py --stage=rejection    the default chain, out/
+      python reward.py --stage=best_of_n                                    best-of-N's curve, out/best_of_n/
       python notebooks/execute.py                                           every notebook, stored in place
       python notebooks/execute.py 06_frontier.ipynb                         one of them
 """

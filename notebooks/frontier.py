@@ -21,9 +21,9 @@ out/frontier after retraining an earlier stage).
 
 Departures from a like-for-like comparison, which the reader should keep in mind:
   - PPO, DPO, rejection and SFT are scored on the same eval_prompts held-out prompts, their KL estimated on their
-    own samples (sum_t log pi - log pi_sft); best-of-N comes from reward.py's curve on the same prompts, its
-    first sample the SFT sample (so best-of-1 is the SFT point), with the analytic KL (an upper bound; Beirami
-    et al. 2024) and the gold human's win rate over that SFT sample.
+    own samples (sum_t log pi - log pi_sft); best-of-N comes from reward.py's curve on the first bon_prompts of
+    the same prompts, its first sample the SFT sample (so best-of-1 is the SFT point), with the analytic KL (an
+    upper bound; Beirami et al. 2024) and the gold human's win rate over that SFT sample.
   - The over-optimisation curve uses the rollouts of training prompts (ppo.py's per-step history), not the
     held-out prompts; its KL is the rollout estimate, so early points can sit slightly below zero.
 
@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import dpo  # noqa: E402
 import lecture  # noqa: E402  (notebooks/lecture.py: the running mean the plots below share with the notebooks)
 import ppo  # noqa: E402
+import reward  # noqa: E402
 import sft  # noqa: E402
 from model import (atomic_write, deferred_interrupt, load_model, non_negative, one_line_errors,  # noqa: E402
                    parse_config, pick_device, run_fields)
@@ -60,7 +61,8 @@ class Config:
     dpo_betas: str = "0.03,0.1,0.3,1.0"
     """DPO's beta, comma-separated: one run each"""
     bon: bool = True
-    """add best-of-N from out/reward/metrics.json (reward.best_of_n_curve, N = 1, 2, 4, ..., bon_max_n)"""
+    """add best-of-N from out/best_of_n/metrics.json, built there if missing (python reward.py --stage=best_of_n:
+    reward.best_of_n_curve, N = 1, 2, 4, ..., bon_max_n)"""
     overopt_kl_coef: float = 0.0
     """beta of the over-optimisation run: 0 lets the policy drift as far as the reward model pulls it"""
     overopt_steps: int = 100
@@ -175,13 +177,16 @@ def row(method, setting, metrics, seconds=0.0):
 
 def timed_run(run_cfg, stage, train_fn):
     """(metrics, seconds) of train_fn(), or of the run already saved in run_cfg.out_dir/stage with this config (its
-    out_dir aside: it says where a run is, not how it ran, so a run copied from another folder is reused too)."""
+    out_dir aside: it says where a run is, not how it ran, so a run copied from another folder is reused too) and
+    from the same SFT model and reward model or pairs, where run_cfg.out_dir holds them (sft.record's parents):
+    a PPO run is not reused after its reward model was trained again."""
     path = os.path.join(run_cfg.out_dir, stage, "metrics.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         settings = lambda c: {k: v for k, v in c.items() if k != "out_dir"}  # noqa: E731
-        if settings(saved.get("config", {})) == settings(json.loads(json.dumps(asdict(run_cfg)))):
+        same_parents = (saved.get("built_from") or {}).get("parents") == sft.record(stage, run_cfg)["parents"]
+        if same_parents and settings(saved.get("config", {})) == settings(json.loads(json.dumps(asdict(run_cfg)))):
             print(f"== {path}: done before with this config, reused")
             return saved, 0.0
     print(f"== {run_cfg.out_dir}: training {stage}")
@@ -201,7 +206,7 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
     ppo_cfg = ppo_cfg or parse_config(ppo.Config, argv + ["--adaptive_kl=false"], ppo.PRESETS, ppo.check)
     dpo_cfg = dpo_cfg or parse_config(dpo.Config, argv, dpo.PRESETS, dpo.check)
     # 1. the shared earlier stages, built if missing: pretrain -> SFT -> reward model and its preference pairs
-    rm_path = sft.ensure_stage("reward", cfg)
+    sft.ensure_stage("reward", cfg)
     sft_path, pairs_path = sft.ensure_stage("sft", cfg), sft.ensure_stage("pairs", cfg)
     folder = os.path.join(cfg.out_dir, "frontier")
 
@@ -223,10 +228,10 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
                                ppo_cfg.max_new_tokens, device, seed=ppo_cfg.seed)
     rows = [row("SFT", "-", {**sft_eval, "kl": 0.0, "win_rate_vs_sft": 0.5}, time.time() - t0)]
     # 3. best-of-N and rejection sampling, from reward.py's own metrics
-    with open(os.path.join(os.path.dirname(rm_path), "metrics.json")) as f:
-        rm_metrics = json.load(f)
     if cfg.bon:
-        rows += [row("best-of-N", f"N={p['n']}", p) for p in rm_metrics.get("best_of_n", [])]
+        bon_cfg = sft.stage_config("best_of_n", cfg)
+        bon, _ = timed_run(bon_cfg, "best_of_n", lambda: reward.best_of_n_stage(bon_cfg))
+        rows += [row("best-of-N", f"N={p['n']}", p) for p in bon["best_of_n"]]
     rejection_path = os.path.join(cfg.out_dir, "rejection", "metrics.json")
     rejection_model = os.path.join(cfg.out_dir, "rejection", "model.pt")
     if os.path.exists(rejection_path):

@@ -24,6 +24,9 @@ import sys
 import tempfile
 import time
 
+from checks import change_table, checks_line, checks_table, drop_share, gap
+from rm_levers import BEFORE_NOTE, BEFORE_TITLE, levers_section
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RECORD = os.path.join(HERE, "figures", "seeds.json")
@@ -46,20 +49,30 @@ METHODS = [("sft", "SFT"), ("best_of_n", f"best-of-{BON_N}"), ("rejection", "rej
 
 
 def method_settings(rows):
-    """What PPO and DPO ran with on these seeds, in words, from each row's settings (seeds.settings)."""
+    """What the reward model, PPO and DPO ran with on these seeds, in words, from each row's settings
+    (seeds.settings)."""
     def ppo_words(p):
         if p["adaptive_kl"]:
             return f"beta adapted towards a KL of {p['target_kl']:g} nats from {p['kl_coef']:g}"
         return f"beta={p['kl_coef']:g}"
     def dpo_words(d):
         return f"beta={d['beta']:g}, {d['steps']} steps on {'all the pairs' if d['twins'] else 'the sampled pairs'}"
-    words = {f"PPO {ppo_words(r['settings']['ppo'])}; DPO {dpo_words(r['settings']['dpo'])}" for r in rows}
+    def reward_words(r):  # rows of the recipes before seeds.settings recorded the reward model say nothing
+        return f"reward model {r['steps']} steps, best-of-N on {r['bon_prompts']} prompts; " if r else ""
+    words = {f"{reward_words(r['settings'].get('reward'))}PPO {ppo_words(r['settings']['ppo'])}; "
+             f"DPO {dpo_words(r['settings']['dpo'])}" for r in rows}
     return " / ".join(sorted(words))
+
+
+def sentence(words):
+    """words as the start of a sentence: the first letter upper case, the rest as written ("PPO" stays "PPO")."""
+    return words[:1].upper() + words[1:]
 
 
 def method_numbers(seed_row, key):
     """{gold_reward, follow_rate, kl, win_rate_vs_sft} of one method on one seed, None when it was not run. SFT is
-    scored as PPO scores it: on the 256 held-out prompts, the samples best-of-N starts from."""
+    scored as PPO scores it: on the 256 held-out prompts, whose first reward.Config.bon_prompts samples are where
+    best-of-N starts from."""
     if key == "sft":
         p = seed_row["ppo"]
         return dict(gold_reward=p["gold_reward_sft"], follow_rate=p["follow_rate_sft"], kl=0.0, win_rate_vs_sft=0.5)
@@ -147,7 +160,7 @@ def readme_table(record, processes=None, chain_time=None):
             lines.append(f"The {p} preset has no seed in this record yet: `python notebooks/seeds.py --preset={p}` "
                          f"adds its columns.")
             continue
-        others = [(key, name) for key, name in (("dpo", "DPO"), ("rejection", "rejection sampling"),
+        others = [(key, name) for key, name in (("best_of_n", "best-of-N"), ("dpo", "DPO"), ("rejection", "rejection sampling"),
                                                 ("oracle", "PPO on the gold human")) if all(key in r["seconds"] for r in rows)]
         missing = [name for key, name in METHODS if not column(record, p, key, "gold_reward")]
         groups = by_machine(rows)
@@ -192,95 +205,6 @@ def per_seed_table(rows, columns):
     return "\n".join(lines)
 
 
-def gap(rm):
-    """A reward model's points under the labels' ceiling, from its metrics (reward.centre_and_evaluate's)."""
-    return 100 * (rm["label_ceiling_expected"] - rm["heldout_accuracy_expected"])
-
-
-def drop_share(rm):
-    """A reward model's prompt-swap drop over the gold human's own, from its metrics; None where gold's is 0."""
-    swap = rm["prompt_swap"]
-    return swap["drop"] / swap["gold_drop"] if swap["gold_drop"] else None
-
-
-def expected(r, method, key):
-    """A method's follow or win rate over SFT as an expectation over several samples a prompt where the seed has
-    them (seeds.py's expectations), else its one draw as the stage measured it."""
-    if "expected" in r:
-        return r["expected"][method][key]
-    return r["ppo"]["follow_rate_sft"] if method == "sft" else r[method][key]
-
-
-def gain(r, method):
-    return 100 * (expected(r, method, "follow_rate") - expected(r, "sft", "follow_rate"))
-
-
-# issue-style checks of the InstructGPT claim, each judged on the worst seed: (what, function of a row, >= or <=, bound)
-CHECKS = [
-    ("SFT follow rate", lambda r: expected(r, "sft", "follow_rate"), ">=", 0.60),
-    ("reward model: prompt-swap drop / the gold human's", lambda r: drop_share(r["reward"]), ">=", 0.60),
-    ("reward model: points under the labels' ceiling", lambda r: gap(r["reward"]), "<=", 8.0),
-    ("PPO: follow rate over SFT (points)", lambda r: gain(r, "ppo"), ">=", 15.0),
-    ("PPO: win rate vs SFT", lambda r: expected(r, "ppo", "win_rate_vs_sft"), ">=", 0.78),
-    ("PPO: KL (nats)", lambda r: r["ppo"]["kl"], "<=", 3.0),
-    ("DPO: follow rate over SFT (points)", lambda r: gain(r, "dpo"), ">=", 15.0),
-    ("DPO: win rate vs SFT", lambda r: expected(r, "dpo", "win_rate_vs_sft"), ">=", 0.78),
-    ("DPO: KL (nats)", lambda r: r["dpo"]["kl"], "<=", 3.0),
-]
-
-
-def worst(xs, op):
-    return min(xs) if op == ">=" else max(xs)
-
-
-def judged(rows):
-    """Each check judged on the worst seed: [(what, op, bound, worst, mean or None, holds)], the PPO win rate's
-    spread over the seeds last (when there are several)."""
-    out = []
-    for what, f, op, bound in CHECKS:
-        xs = [x for x in map(f, rows) if x is not None]
-        if xs:
-            w = worst(xs, op)
-            out.append((what, op, bound, w, sum(xs) / len(xs), w >= bound if op == ">=" else w <= bound))
-    win = [expected(r, "ppo", "win_rate_vs_sft") for r in rows]
-    if len(win) > 1:  # one seed has no spread
-        spread_ = max(win) - min(win)
-        out.append(("PPO: win-rate spread over the seeds (max - min)", "<=", 0.08, spread_, None, spread_ <= 0.08))
-    return out
-
-
-def checks_table(rows):
-    lines = ["| check | bound | worst seed | mean | holds on every seed |", "| --- | ---: | ---: | ---: | --- |"]
-    for what, op, bound, w, mean, ok in judged(rows):
-        lines.append(f"| {what} | {op} {bound:g} | {w:.3g} | {'' if mean is None else format(mean, '.3g')} | "
-                     f"{'yes' if ok else 'no'} |")
-    return "\n".join(lines)
-
-
-def checks_line(rows):
-    """The README's line on the checks: which hold on the worst seed and which do not."""
-    verdicts = judged(rows)
-    said = lambda ok: "; ".join(f"{w} {op} {b:g}" for w, op, b, _, _, o in verdicts if o == ok) or "none"  # noqa: E731
-    return (f"Judged on the worst of these seeds (RESULTS.md), the checks of the InstructGPT claim that hold: "
-            f"{said(True)}. The ones that do not: {said(False)}.")
-
-
-def change_table(before_rows, rows):
-    """Each check seed by seed, `before -> now`: before_rows the seeds of an earlier recipe, rows today's; then each
-    side's worst seed (judged). Only the seeds both have, so a change is judged on the same seeds."""
-    seeds = [r["seed"] for r in rows if r["seed"] in {b["seed"] for b in before_rows}]
-    old, new = ({r["seed"]: r for r in rs} for rs in (before_rows, rows))
-    was, now = ({v[0]: v for v in judged([by[s] for s in seeds])} for by in (old, new))
-    per_seed = {what: f for what, f, _, _ in CHECKS}  # the spread has no per-seed value
-    lines = [f"| check | bound | {' | '.join(f'seed {s}' for s in seeds)} | worst seed |",
-             "| --- | ---: |" + " ---: |" * (len(seeds) + 1)]
-    for what, op, bound, worst_before, _, _ in was.values():
-        f = per_seed.get(what)
-        cells = [f"{f(old[s]):.3g} -> {f(new[s]):.3g}" if f else "" for s in seeds]
-        lines.append(f"| {what} | {op} {bound:g} | {' | '.join(cells)} | {worst_before:.3g} -> {now[what][3]:.3g} |")
-    return "\n".join(lines)
-
-
 def change_section(before, record):
     """RESULTS.md's section on the recipes before today's (RECIPE_BEFORE: a list of {"recipe", "small"}): the checks
     on each one's seeds, next to today's on the same seeds."""
@@ -317,7 +241,7 @@ def results_page(record, levers=None, before=None, recipe_before=None):
             continue
         rows = record[preset]["seeds"]
         out += [f"## The `{preset}` preset: {len(rows)} seed{'s' if len(rows) != 1 else ''}", "",
-                f"Machine{'s' * (len(by_machine(rows)) > 1)}: {machines(rows)}. {method_settings(rows)}.", ""]
+                f"Machine{'s' * (len(by_machine(rows)) > 1)}: {machines(rows)}. {sentence(method_settings(rows))}.", ""]
         out += ["### Stages 1-2: pretraining and SFT", "", per_seed_table(rows, [
             ("pretraining val loss (nats/token)", lambda r: r["pretrain"]["val_loss"], ".4f"),
             ("pretrained follow rate (128 prompts)", lambda r: r["sft"]["pretrained_follow_rate"], ".3f"),
@@ -368,64 +292,6 @@ def results_page(record, levers=None, before=None, recipe_before=None):
     return "\n".join(out)
 
 
-def levers_table(results):
-    """notebooks/rm_levers.py's table, one row per lever and a column per seed: the gap to the ceiling (points) and
-    the drop share of each seed's reward model, then the worst of each over the seeds the lever was tried on, and
-    the mean seconds of training. A lever is compared with the recipe seed by seed, not by means over other seeds."""
-    seeds = sorted({r["seed"] for r in results["rows"]})
-    lines = [f"| reward model | {' | '.join(f'seed {s}: gap, drop share' for s in seeds)} | worst gap | "
-             "worst drop share | seconds a seed |", "| --- |" + " ---: |" * (len(seeds) + 3)]
-    for v in dict.fromkeys(r["variant"] for r in results["rows"]):
-        rows = {r["seed"]: r for r in results["rows"] if r["variant"] == v}
-        share = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731  (None: the gold human tied every pair)
-        cells = [f"{rows[s]['gap']:.1f}, {share(rows[s]['drop_share'])}" if s in rows else "" for s in seeds]
-        shares = [r["drop_share"] for r in rows.values() if r["drop_share"] is not None]
-        seconds = [r["seconds"] for r in rows.values()]
-        lines.append(f"| {lever_name(v)} | {' | '.join(cells)} | {max(r['gap'] for r in rows.values()):.1f} | "
-                     f"{share(min(shares) if shares else None)} | "
-                     f"{'-' if None in seconds else format(sum(seconds) / len(seconds), '.0f')} |")
-    lines += ["", f"Smaller gap and larger drop share than the recipe's on every seed tried: {better_levers(results)}."]
-    return "\n".join(lines)
-
-
-def lever_name(variant):
-    """A lever as the table names it: data=<a seed's pairs.jsonl> as "data=seed <s>'s pairs"."""
-    return re.sub(r"data=\S*?seed(\d+)/reward/pairs\.jsonl", r"data=seed \1's pairs", variant)
-
-
-def better_levers(results):
-    """The levers whose reward model beats the recipe's on both counts on each seed they were tried on, in words."""
-    recipe = {r["seed"]: r for r in results["rows"] if r["variant"] == "recipe"}
-    out = []
-    for v in dict.fromkeys(r["variant"] for r in results["rows"] if r["variant"] != "recipe"):
-        rows = [r for r in results["rows"] if r["variant"] == v and r["seed"] in recipe]
-        share = lambda r: r["drop_share"] or 0.0  # noqa: E731  (None: the gold human tied every pair)
-        if rows and all(r["gap"] < recipe[r["seed"]]["gap"] and share(r) > share(recipe[r["seed"]]) for r in rows):
-            out.append(f"{lever_name(v)} ({len(rows)} seed{'s' * (len(rows) != 1)})")
-    return ", ".join(out) or "none"
-
-
-BEFORE_TITLE = "Reward-model levers, on the chains before the recipe changed"
-BEFORE_NOTE = ("These chains' pairs had no grades and their reward model no curriculum: 1280 steps of the plain "
-               "Bradley-Terry loss (the row `recipe`); a margin lever graded their pairs afresh. These are the runs "
-               "that chose the margin and two passes over the pairs; the twin curriculum was chosen after them, on "
-               "the seeds' chains (`notebooks/rm_levers.py`'s default levers take today's recipe apart).")
-
-
-def levers_section(levers, title="Reward-model levers, on the seeds' own chains", note=""):
-    """RESULTS.md's section on notebooks/rm_levers.py: reward models trained otherwise on the seeds' own chains."""
-    seeds = sorted({r["seed"] for r in levers["rows"]})
-    return "\n".join([f"## {title}", "", *([note, ""] if note else []),
-                      f"`python notebooks/rm_levers.py` (the {levers['preset']} preset; seeds "
-                      f"{', '.join(map(str, seeds))}): each lever is one reward model a seed, trained on that seed's "
-                      "SFT model and pairs and measured on its held-out pairs as reward.py measures it; an ensemble "
-                      "is scored by its K members' mean, and each member is a row of its own (`#k`, member 0 the "
-                      "chain's own); `data=seed s's pairs` trains on seed s's pairs instead. `recipe` is the chain's "
-                      "own reward model, as in the table above. The bounds: a gap of at most 8 points and a drop "
-                      "share of at least 0.60, on every seed. `seconds a seed`: the training alone (all members), on "
-                      "one thread while another run shared the cores.", "", levers_table(levers), ""])
-
-
 # ----------------------------------------------------------------------------- the figure
 
 def plot_results(record, ax, preset="small"):
@@ -447,7 +313,7 @@ def plot_results(record, ax, preset="small"):
         (k, klo, khi), (g, glo, ghi) = (spread(column(record, preset, key, m)) for m in ("kl", "gold_reward"))
         ax.errorbar([k], [g], xerr=[[k - klo], [khi - k]], yerr=[[g - glo], [ghi - g]], fmt="o", capsize=3,
                     label=f"{name}, {setting[key]}" if key in setting else name)
-    ax.set(xlabel="KL(pi || pi_sft) on its own samples (nats)", ylabel="gold reward, 256 held-out prompts",
+    ax.set(xlabel="KL(pi || pi_sft) on its own samples (nats)", ylabel="gold reward, held-out prompts",
            title=f"What each method buys per nat ({preset} preset, {len(rows)} seeds: mean and range)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

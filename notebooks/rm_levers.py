@@ -54,7 +54,7 @@ import data  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
 from frontier import names, run_experiment  # noqa: E402
-from results import drop_share, gap, levers_table  # noqa: E402
+from checks import drop_share, gap  # noqa: E402
 from model import ScalarHeadModel, atomic_write, load_model, parse_config, pick_device, run_fields  # noqa: E402
 
 
@@ -237,6 +237,66 @@ def train(cfg):
             with atomic_write(path) as f:
                 json.dump(results, f, indent=1)
     return results
+
+
+# ----------------------------------------------------------------------------- the table RESULTS.md shows
+
+def levers_table(results):
+    """notebooks/rm_levers.py's table, one row per lever and a column per seed: the gap to the ceiling (points) and
+    the drop share of each seed's reward model, then the worst of each over the seeds the lever was tried on, and
+    the mean seconds of training. A lever is compared with the recipe seed by seed, not by means over other seeds."""
+    seeds = sorted({r["seed"] for r in results["rows"]})
+    lines = [f"| reward model | {' | '.join(f'seed {s}: gap, drop share' for s in seeds)} | worst gap | "
+             "worst drop share | seconds a seed |", "| --- |" + " ---: |" * (len(seeds) + 3)]
+    for v in dict.fromkeys(r["variant"] for r in results["rows"]):
+        rows = {r["seed"]: r for r in results["rows"] if r["variant"] == v}
+        share = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731  (None: the gold human tied every pair)
+        cells = [f"{rows[s]['gap']:.1f}, {share(rows[s]['drop_share'])}" if s in rows else "" for s in seeds]
+        shares = [r["drop_share"] for r in rows.values() if r["drop_share"] is not None]
+        seconds = [r["seconds"] for r in rows.values()]
+        lines.append(f"| {lever_name(v)} | {' | '.join(cells)} | {max(r['gap'] for r in rows.values()):.1f} | "
+                     f"{share(min(shares) if shares else None)} | "
+                     f"{'-' if None in seconds else format(sum(seconds) / len(seconds), '.0f')} |")
+    lines += ["", f"Smaller gap and larger drop share than the recipe's on every seed tried: {better_levers(results)}."]
+    return "\n".join(lines)
+
+
+def lever_name(variant):
+    """A lever as the table names it: data=<a seed's pairs.jsonl> as "data=seed <s>'s pairs"."""
+    return re.sub(r"data=\S*?seed(\d+)/reward/pairs\.jsonl", r"data=seed \1's pairs", variant)
+
+
+def better_levers(results):
+    """The levers whose reward model beats the recipe's on both counts on each seed they were tried on, in words."""
+    recipe = {r["seed"]: r for r in results["rows"] if r["variant"] == "recipe"}
+    out = []
+    for v in dict.fromkeys(r["variant"] for r in results["rows"] if r["variant"] != "recipe"):
+        rows = [r for r in results["rows"] if r["variant"] == v and r["seed"] in recipe]
+        share = lambda r: r["drop_share"] or 0.0  # noqa: E731  (None: the gold human tied every pair)
+        if rows and all(r["gap"] < recipe[r["seed"]]["gap"] and share(r) > share(recipe[r["seed"]]) for r in rows):
+            out.append(f"{lever_name(v)} ({len(rows)} seed{'s' * (len(rows) != 1)})")
+    return ", ".join(out) or "none"
+
+
+BEFORE_TITLE = "Reward-model levers, on the chains before the recipe changed"
+BEFORE_NOTE = ("These chains' pairs had no grades and their reward model no curriculum: 1280 steps of the plain "
+               "Bradley-Terry loss (the row `recipe`); a margin lever graded their pairs afresh. These are the runs "
+               "that chose the margin and two passes over the pairs; the twin curriculum was chosen after them, on "
+               "the seeds' chains (`notebooks/rm_levers.py`'s default levers take today's recipe apart).")
+
+
+def levers_section(levers, title="Reward-model levers, on the seeds' own chains", note=""):
+    """RESULTS.md's section on notebooks/rm_levers.py: reward models trained otherwise on the seeds' own chains."""
+    seeds = sorted({r["seed"] for r in levers["rows"]})
+    return "\n".join([f"## {title}", "", *([note, ""] if note else []),
+                      f"`python notebooks/rm_levers.py` (the {levers['preset']} preset; seeds "
+                      f"{', '.join(map(str, seeds))}): each lever is one reward model a seed, trained on that seed's "
+                      "SFT model and pairs and measured on its held-out pairs as reward.py measures it; an ensemble "
+                      "is scored by its K members' mean, and each member is a row of its own (`#k`, member 0 the "
+                      "chain's own); `data=seed s's pairs` trains on seed s's pairs instead. `recipe` is the chain's "
+                      "own reward model, as in the table above. The bounds: a gap of at most 8 points and a drop "
+                      "share of at least 0.60, on every seed. `seconds a seed`: the training alone (all members), on "
+                      "one thread while another run shared the cores.", "", levers_table(levers), ""])
 
 
 if __name__ == "__main__":

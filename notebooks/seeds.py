@@ -1,7 +1,7 @@
 """
 One seed is one draw: the whole chain on several seeds, each seed with a chain of its own (pretraining, SFT, the
-preference pairs, the reward model and its best-of-N curve, rejection sampling, PPO on the reward model, PPO on the
-gold human, DPO), not several PPO seeds on one reward model. Floating-point sums differ between CPUs and thread
+preference pairs, the reward model, best-of-N, rejection sampling, PPO on the reward model, PPO on the gold
+human, DPO), not several PPO seeds on one reward model. Floating-point sums differ between CPUs and thread
 counts and the chain amplifies them, so a result is reported as the mean and range over seeds, and a threshold is
 judged on the worst seed.
 
@@ -87,9 +87,11 @@ def summary(path, keys=FIELDS):
     return {k: metrics[k] for k in keys if k in metrics}
 
 
-def settings(pcfg, dcfg):
-    """What a seed's PPO and DPO ran with, for the results' names of the methods (results.method_settings)."""
-    return {"ppo": {k: getattr(pcfg, k) for k in ("kl_coef", "adaptive_kl", "target_kl")},
+def settings(rcfg, pcfg, dcfg):
+    """What a seed's reward model, PPO and DPO ran with, for the results' names of the methods
+    (results.method_settings)."""
+    return {"reward": {k: getattr(rcfg, k) for k in ("steps", "bon_prompts")},
+            "ppo": {k: getattr(pcfg, k) for k in ("kl_coef", "adaptive_kl", "target_kl")},
             "dpo": {k: getattr(dcfg, k) for k in ("beta", "steps", "twins")}}
 
 
@@ -142,11 +144,13 @@ def run_seed(seed, cfg):
             return not existed
         return build
 
-    # 1. the shared stages of this seed: pretrain -> SFT -> pairs -> reward model (with its best-of-N curve)
+    # 1. the shared stages of this seed: pretrain -> SFT -> pairs -> reward model
     timed("pretrain", stage("pretrain", replace(scfg, stage="pretrain")))
     timed("sft", stage("sft", scfg))
     timed("pairs", stage("pairs", rcfg))
     timed("reward", stage("reward", rcfg))
+    bcfg = replace(rcfg, stage="best_of_n")
+    timed("best_of_n", lambda: timed_run(bcfg, "best_of_n", lambda: reward.best_of_n_stage(bcfg))[1] > 0)
     if cfg.rejection:
         timed("rejection", stage("rejection", replace(rcfg, stage="rejection")))
     # 2. the methods that start from them, each scored against this seed's SFT model on the same held-out prompts
@@ -169,9 +173,9 @@ def run_seed(seed, cfg):
            "reward": {k: rm[k] for k in ("heldout_accuracy", "heldout_accuracy_expected", "label_ceiling",
                                          "label_ceiling_expected", "train_accuracy", "rm_gold_correlation",
                                          "prompt_swap", "heldout_by_term")},
-           "best_of_n": rm["best_of_n"],
+           "best_of_n": json.load(open(path("best_of_n")))["best_of_n"],
            "ppo": summary(path("ppo")), "dpo": summary(path("dpo")),
-           "settings": settings(pcfg, dcfg)}
+           "settings": settings(rcfg, pcfg, dcfg)}
     if cfg.rejection:
         row["rejection"] = summary(path("rejection"))
     if cfg.oracle:

@@ -5,6 +5,7 @@ rejection, PPO and DPO runs, the over-optimisation run, every output file)."""
 import json
 import os
 import sys
+from dataclasses import asdict
 
 import matplotlib
 import torch
@@ -112,7 +113,10 @@ def test_tiny_sweep_end_to_end(tmp_path):
                    built_from=sft.record("reward", cfg))
     bon = [{"n": 1, "gold_reward": -1.0, "rm_score": 0.0, "kl": 0.0},
            {"n": 2, "gold_reward": -0.8, "rm_score": 0.3, "kl": 0.193}]
-    (tmp_path / "reward" / "metrics.json").write_text(json.dumps({"best_of_n": bon}))
+    bon_cfg = sft.stage_config("best_of_n", cfg)  # best-of-N's curve, as reward.best_of_n_stage writes it: reused
+    (tmp_path / "best_of_n").mkdir()
+    (tmp_path / "best_of_n" / "metrics.json").write_text(json.dumps(
+        {"best_of_n": bon, "config": asdict(bon_cfg), "built_from": sft.record("best_of_n", bon_cfg)}))
     sft.save_stage(str(tmp_path / "rejection"), policy, {}, step=0,  # the model rejection -> PPO starts from
                    built_from=sft.record("rejection", cfg))
     (tmp_path / "rejection" / "metrics.json").write_text(json.dumps(

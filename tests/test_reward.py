@@ -449,12 +449,11 @@ def test_reward_end_to_end(reward_run):
     assert 0 <= saved["heldout_accuracy"] <= 1 and -1 <= saved["rm_gold_correlation"] <= 1
     # in expectation over the labeller no ranking beats the gold order's
     assert 0 <= saved["heldout_accuracy_expected"] <= saved["label_ceiling_expected"] <= 1
-    assert [c["n"] for c in saved["best_of_n"]] == [1, 2, 4] and len(saved["history"]) == cfg.steps
+    assert len(saved["history"]) == cfg.steps and "best_of_n" not in saved  # best-of-N is a stage of its own
     # the prompt-swap check is stored, and its drops are what its agreements say
     swap = saved["prompt_swap"]
     assert swap["drop"] == pytest.approx(swap["right"] - swap["swapped"])
     assert swap["gold_drop"] == pytest.approx(1 - swap["gold_swapped"]) and 0 <= swap["gold_swapped"] <= 1
-    assert all(0 <= c["follow_rate"] <= 1 for c in saved["best_of_n"])
     rm = load_model(str(out / "reward" / "model.pt"))
     policy = load_model(str(out / "sft" / "model.pt"))
     assert isinstance(rm, ScalarHeadModel)
@@ -473,6 +472,21 @@ def test_reward_end_to_end(reward_run):
     sample = random.Random(cfg.seed).sample(pairs, cfg.n_eval_pairs)
     assert len(pairs) > cfg.n_eval_pairs and saved["train_accuracy"] == reward.pairwise_accuracy(rm, sample, "cpu")
     assert saved["train_accuracy"] * cfg.n_eval_pairs == round(saved["train_accuracy"] * cfg.n_eval_pairs)
+
+
+def test_best_of_n_stage_is_the_curve_of_the_saved_models(reward_run):
+    out, cfg, _ = reward_run
+    bcfg = dataclasses.replace(cfg, stage="best_of_n")
+    metrics = reward.best_of_n_stage(bcfg)
+    saved = json.loads((out / "best_of_n" / "metrics.json").read_text())
+    assert saved["best_of_n"] == metrics["best_of_n"] and [c["n"] for c in saved["best_of_n"]] == [1, 2, 4]
+    assert all(0 <= c["follow_rate"] <= 1 for c in saved["best_of_n"])
+    assert saved["built_from"]["parents"] == sft.record("ppo", bcfg)["parents"]  # the models PPO would start from
+    # the same curve as best_of_n_curve on the saved SFT and reward models: the stage adds no draws of its own
+    curve = reward.best_of_n_curve(load_model(str(out / "sft" / "model.pt")),
+                                   load_model(str(out / "reward" / "model.pt")), sft.eval_prompts(cfg.bon_prompts),
+                                   cfg, "cpu")
+    assert curve == saved["best_of_n"]
 
 
 def test_rejection_sampling_with_no_steps_is_the_sft_model(reward_run):

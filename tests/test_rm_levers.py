@@ -119,3 +119,29 @@ def test_retold_once_flips_exactly_one_request():
             flipped += 1
             assert abs(twin_met - met) == 1, (prompt, story, twin)
     assert flipped > 150  # most stories have a word of the drawn kind to flip
+
+
+def test_levers_table_hand_worked():
+    # a column per seed; the worst seed of a lever is its largest gap and its smallest drop share; the recipe's row
+    # has no seconds of its own
+    rows = [dict(seed=1, variant="recipe", gap=10.0, drop_share=0.5, train_accuracy=0.7, heldout_accuracy_expected=0.7,
+                 seconds=None),
+            dict(seed=1, variant="steps=2", gap=6.0, drop_share=0.8, train_accuracy=0.8, heldout_accuracy_expected=0.8,
+                 seconds=10),
+            dict(seed=2, variant="steps=2", gap=9.0, drop_share=0.6, train_accuracy=0.9, heldout_accuracy_expected=0.7,
+                 seconds=20)]
+    table = rm_levers.levers_table({"preset": "small", "rows": rows}).splitlines()
+    assert table[0].startswith("| reward model | seed 1: gap, drop share | seed 2: gap, drop share | worst gap |")
+    assert table[2] == "| recipe | 10.0, 0.50 |  | 10.0 | 0.50 | - |"  # not tried on seed 2: an empty cell
+    assert table[3] == "| steps=2 | 6.0, 0.80 | 9.0, 0.60 | 9.0 | 0.60 | 15 |"
+    assert table[-1].endswith("on every seed tried: steps=2 (1 seed).")  # seed 2 has no recipe row to beat
+    rows[1]["gap"] = 11.0  # now worse than the recipe's 10 on seed 1
+    assert rm_levers.levers_table({"preset": "small", "rows": rows}).endswith("on every seed tried: none.")
+
+
+def test_lever_name_shortens_a_seeds_pairs_file():
+    assert rm_levers.lever_name("data=out/seeds/small/seed1337/reward/pairs.jsonl") == "data=seed 1337's pairs"
+    shorter = "data=seed 3's pairs,steps=2"
+    assert rm_levers.lever_name("data=out_b/seeds/small/seed3/reward/pairs.jsonl,steps=2") == shorter
+    assert rm_levers.lever_name("data=my_pairs.jsonl") == "data=my_pairs.jsonl"  # not a seed's: as given
+    assert rm_levers.lever_name("margin=small") == "margin=small"

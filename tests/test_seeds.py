@@ -53,12 +53,26 @@ def test_each_seed_has_a_chain_of_its_own(tiny_presets, tmp_path, capsys):
     dpo_config = json.load(open(tmp_path / "small" / "seed5" / "dpo" / "metrics.json"))["config"]
     assert row["settings"]["dpo"] == {k: dpo_config[k] for k in ("beta", "steps", "twins")}
     assert results_module.method_settings([row]) == (  # the recipe, in words
-        f"PPO beta adapted towards a KL of {ppo_config['target_kl']:g} nats from {ppo_config['kl_coef']:g}; "
+        f"reward model {TINY[reward]['steps']} steps, best-of-N on {TINY[reward]['bon_prompts']} prompts; PPO beta adapted towards a KL of {ppo_config['target_kl']:g} nats from {ppo_config['kl_coef']:g}; "
         f"DPO beta={dpo_config['beta']:g}, {dpo_config['steps']} steps on the sampled pairs")
-    assert set(row["seconds"]) == {"pretrain", "sft", "pairs", "reward", "rejection", "ppo", "dpo", "oracle",
-                                   "expected"}
+    assert set(row["seconds"]) == {"pretrain", "sft", "pairs", "reward", "best_of_n", "rejection", "ppo", "dpo",
+                                   "oracle", "expected"}
     assert json.load(open(tmp_path / "small" / "results.json")) == results
     capsys.readouterr()
     again = seeds.train(cfg)  # everything is there: nothing is trained again, the same numbers come back
     assert "pretraining" not in capsys.readouterr().out
     assert again["seeds"] == results["seeds"]
+    assert row["settings"]["reward"] == {"steps": TINY[reward]["steps"], "bon_prompts": TINY[reward]["bon_prompts"]}
+
+
+def test_a_method_is_trained_again_when_its_reward_model_was(tiny_presets, tmp_path, capsys, monkeypatch):
+    cfg = seeds.Config(out_dir=str(tmp_path), preset="small", device="cpu", seeds="5", oracle=False, rejection=False)
+    seeds.train(cfg)
+    folder = tmp_path / "small" / "seed5"
+    os.remove(folder / "reward" / "model.pt")  # a reward model of another recipe on the same pairs
+    monkeypatch.setitem(reward.PRESETS["small"], "steps", TINY[reward]["steps"] + 1)
+    capsys.readouterr()
+    seeds.train(cfg)  # PPO's and best-of-N's own configs are unchanged: their parent is not
+    out = capsys.readouterr().out
+    assert f"{folder}: training ppo" in out and f"{folder}: training best_of_n" in out
+    assert f"{folder / 'dpo' / 'metrics.json'}: done before with this config, reused" in out  # DPO has no reward model
