@@ -48,6 +48,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     causal: bool = True  # False: bidirectional attention, for the masked-LM objective
+    readout: str = "last"  # a reward model's score (reward.rm_scores): the "last" real token's, or the "mean" over
+    #                        the response's tokens; saved with the model, so an older reward model reads as it trained
 
 
 class KVCache:
@@ -247,7 +249,8 @@ def token_logprobs(logits, targets):
 
 class ScalarHeadModel(nn.Module):
     """The GPT trunk with a linear head: one scalar per position (B, T). The reward model reads it at the last
-    real token; the PPO critic reads it at every response position."""
+    real token or as its mean over the response (config.readout, reward.rm_scores); the PPO critic reads it at
+    every response position."""
 
     def __init__(self, config):
         super().__init__()
@@ -258,9 +261,9 @@ class ScalarHeadModel(nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_gpt(cls, gpt):
+    def from_gpt(cls, gpt, readout="last"):
         """Initialise the trunk from a trained GPT (InstructGPT: the reward model starts from the SFT model)."""
-        model = cls(gpt.config)
+        model = cls(dataclasses.replace(gpt.config, readout=readout))
         model.gpt.load_state_dict(gpt.state_dict())
         return model
 

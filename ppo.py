@@ -307,8 +307,9 @@ def response_texts(batch):
 
 
 def rm_reward_fn(rm):
-    """The reward model as a reward_fn(ids, attention_mask, P) -> (B,): its scalar at the last real token."""
-    return lambda ids, attention_mask, P: reward.rm_scores(rm, ids, attention_mask)
+    """The reward model as a reward_fn(ids, attention_mask, P) -> (B,): its score of each response, which starts
+    at column P (reward.rm_scores)."""
+    return lambda ids, attention_mask, P: reward.rm_scores(rm, ids, attention_mask, P)
 
 
 def gold_reward_fn(ids, attention_mask, P):

@@ -48,6 +48,9 @@ METHODS = [("sft", "SFT"), ("best_of_n", f"best-of-{BON_N}"), ("rejection", "rej
            ("ppo", "PPO"), ("dpo", "DPO"), ("oracle", "PPO on the gold human (oracle)")]
 
 
+READOUTS = {"mean": ", read as its mean over the response", "last": ", read at the last token"}  # reward.Config.readout
+
+
 def method_settings(rows):
     """What the reward model, PPO and DPO ran with on these seeds, in words, from each row's settings
     (seeds.settings)."""
@@ -58,7 +61,10 @@ def method_settings(rows):
     def dpo_words(d):
         return f"beta={d['beta']:g}, {d['steps']} steps on {'all the pairs' if d['twins'] else 'the sampled pairs'}"
     def reward_words(r):  # rows of the recipes before seeds.settings recorded the reward model say nothing
-        return f"reward model {r['steps']} steps, best-of-N on {r['bon_prompts']} prompts; " if r else ""
+        if not r:
+            return ""
+        read = READOUTS.get(r.get("readout"), "")  # rows recorded before seeds.settings named the readout: nothing
+        return f"reward model {r['steps']} steps{read}, best-of-N on {r['bon_prompts']} prompts; "
     words = {f"{reward_words(r['settings'].get('reward'))}PPO {ppo_words(r['settings']['ppo'])}; "
              f"DPO {dpo_words(r['settings']['dpo'])}" for r in rows}
     return " / ".join(sorted(words))

@@ -164,6 +164,7 @@ class Ensemble(torch.nn.Module):
     def __init__(self, members):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
+        self.config = members[0].config  # the members' readout (reward.rm_scores)
         self.head = torch.nn.Module()
         self.head.bias = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
@@ -204,7 +205,7 @@ def lever(folder, seed, variant, cfg, device, held_out):
     members, t0 = [], time.time()
     for k in range(variant.get("ensemble", 1)):  # member k: seed + 1000 k for its head and its batches
         torch.manual_seed(rcfg.seed + 1000 * k)  # as reward.train seeds the reward model's training
-        members.append(ScalarHeadModel.from_gpt(policy).to(device))
+        members.append(ScalarHeadModel.from_gpt(policy, rcfg.readout).to(device))
         reward.train_reward_model(members[-1], pairs, replace(rcfg, seed=rcfg.seed + 1000 * k), device)
     seconds = time.time() - t0
     measure = lambda rm: {**reward.centre_and_evaluate(rm, policy, eval_pairs, ceiling, rcfg, device),  # noqa: E731

@@ -93,7 +93,7 @@ def train(cfg, rcfg=None, pcfg=None, scfg=None):
         start = load_model(sft.ensure_stage("sft", replace(scfg, out_dir=folder, n_embd=width)), device)
         # 2. the reward model, on the policy's pairs, centred on and measured against the policy's samples
         torch.manual_seed(rcfg.seed)
-        rm = ScalarHeadModel.from_gpt(start).to(device)
+        rm = ScalarHeadModel.from_gpt(start, rcfg.readout).to(device)
         reward.train_reward_model(rm, pairs, rcfg, device)
         rm_metrics = reward.centre_and_evaluate(rm, policy, eval_pairs, ceiling, rcfg, device)
         # 3. PPO of the policy against it; the critic starts as this reward model

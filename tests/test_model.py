@@ -215,9 +215,10 @@ def test_scalar_head_ignores_right_padding():
 @torch.no_grad()
 def test_scalar_head_from_gpt_copies_the_trunk():
     gpt = tiny_gpt()
-    rm = ScalarHeadModel.from_gpt(gpt)
+    rm = ScalarHeadModel.from_gpt(gpt, readout="mean")
     ids = torch.randint(V, (2, 7), generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(rm.gpt.trunk(ids), gpt.trunk(ids))
+    assert rm.config.readout == "mean" and gpt.config.readout == "last"  # the policy's own config is left alone
 
 
 # ----------------------------------------------------------------------------- checkpoints

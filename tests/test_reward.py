@@ -24,9 +24,9 @@ def tiny_gpt(seed=0):
     return GPT(GPTConfig(vocab_size=data.tokenizer().n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32))
 
 
-def tiny_rm(seed=0):
+def tiny_rm(seed=0, readout="mean"):
     torch.manual_seed(seed + 100)
-    return ScalarHeadModel.from_gpt(tiny_gpt(seed))
+    return ScalarHeadModel.from_gpt(tiny_gpt(seed), readout)
 
 
 def train_prompts(n, seed=0):
@@ -148,25 +148,60 @@ def test_bt_label_nearly_noiseless_labeller():
 
 # ----------------------------------------------------------------------------- scores and padding
 
-def test_rm_scores_ignore_padding():
-    rm = tiny_rm().eval()
+def test_rm_scores_last_token_ignores_padding():
+    rm = tiny_rm(readout="last").eval()
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(700, (n,), generator=g) for n in (5, 9, 2)]
     with torch.no_grad():
-        alone = torch.stack([reward.rm_scores(rm, s[None], torch.ones(1, len(s), dtype=torch.bool))[0]
+        alone = torch.stack([reward.rm_scores(rm, s[None], torch.ones(1, len(s), dtype=torch.bool), 0)[0]
                              for s in seqs])  # (3,) each row with no padding at all
+        assert torch.allclose(alone, torch.stack([rm(s[None])[0, -1] for s in seqs]))  # the last token's value
         # right padding (responses), with a pad id that is a real token, so only the mask can hide it
         ids = data.pad_right(seqs, 42)
         mask = data.pad_right([torch.ones(len(s), dtype=torch.bool) for s in seqs], False)
-        assert torch.allclose(reward.rm_scores(rm, ids, mask), alone, atol=1e-5)
+        assert torch.allclose(reward.rm_scores(rm, ids, mask, 0), alone, atol=1e-5)
         assert not torch.allclose(rm(ids, mask)[:, -1], alone, atol=1e-3)  # the last column is not the answer
         # left padding (prompts): positions count real tokens only
         ids, mask = data.pad_left(seqs, 42)
-        assert torch.allclose(reward.rm_scores(rm, ids, mask), alone, atol=1e-5)
+        assert torch.allclose(reward.rm_scores(rm, ids, mask, 0), alone, atol=1e-5)
         # both at once, as a left-padded prompt plus a right-padded response: 0 0 x x x x x 0 0
         ids = torch.cat([torch.full((2,), 42), seqs[0], torch.full((2,), 42)])[None]
         mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
-        assert torch.allclose(reward.rm_scores(rm, ids, mask), alone[:1], atol=1e-5)
+        assert torch.allclose(reward.rm_scores(rm, ids, mask, 0), alone[:1], atol=1e-5)
+
+
+def test_rm_scores_mean_over_the_response_in_both_layouts():
+    rm = tiny_rm(readout="mean").eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(700, (n,), generator=g) for n in (3, 1, 4)]
+    responses = [torch.randint(700, (n,), generator=g) for n in (5, 2, 1)]
+    with torch.no_grad():
+        # a naive loop: each row alone, no padding, the mean of the head's values at the response's positions
+        naive = torch.stack([rm(torch.cat([p, r])[None])[0, len(p):].mean() for p, r in zip(prompts, responses)])
+        # reward.py's layout: prompt + response right-padded (a pad id that is a real token), each its own start
+        seqs = [torch.cat([p, r]) for p, r in zip(prompts, responses)]
+        ids = data.pad_right(seqs, 42)
+        mask = data.pad_right([torch.ones(len(s), dtype=torch.bool) for s in seqs], False)
+        starts = torch.tensor([len(p) for p in prompts])
+        assert torch.allclose(reward.rm_scores(rm, ids, mask, starts), naive, atol=1e-5)
+        # ppo.py's layout: left-padded prompts, then right-padded responses, every response starting at column P
+        query, query_mask = data.pad_left(prompts, 42)
+        answer = data.pad_right(responses, 42)
+        answer_mask = data.pad_right([torch.ones(len(r), dtype=torch.bool) for r in responses], False)
+        ids, mask = torch.cat([query, answer], 1), torch.cat([query_mask, answer_mask], 1)
+        assert torch.allclose(reward.rm_scores(rm, ids, mask, query.size(1)), naive, atol=1e-5)
+        # the prompt's values are not in it: the last-token readout of the same rows is another number
+        last = ScalarHeadModel.from_gpt(rm.gpt, "last")
+        last.head.load_state_dict(rm.head.state_dict())
+        assert not torch.allclose(reward.rm_scores(last, ids, mask, query.size(1)), naive, atol=1e-3)
+
+
+def test_tokenize_responses_says_where_each_response_starts():
+    prompts, responses = train_prompts(2), ["Tom was happy. The end.", "Sad."]
+    ids, mask, starts = reward.tokenize_responses(prompts, responses)
+    for row, m, start, p, r in zip(ids, mask, starts, prompts, responses):
+        assert row[:start].tolist() == data.encode(p)
+        assert row[start:int(m.sum())].tolist() == data.encode(r) + [data.special(data.EOT)]
 
 
 def test_score_texts_batches_like_one_at_a_time():
@@ -456,7 +491,7 @@ def test_reward_end_to_end(reward_run):
     assert swap["gold_drop"] == pytest.approx(1 - swap["gold_swapped"]) and 0 <= swap["gold_swapped"] <= 1
     rm = load_model(str(out / "reward" / "model.pt"))
     policy = load_model(str(out / "sft" / "model.pt"))
-    assert isinstance(rm, ScalarHeadModel)
+    assert isinstance(rm, ScalarHeadModel) and rm.config.readout == cfg.readout  # saved with the model
     # the ceiling is the labeller's agreement with gold on the held-out pairs
     _, ceiling = reward.label_pairs(policy, sft.eval_prompts(cfg.n_eval_pairs), cfg.tau, cfg.max_new_tokens, "cpu",
                                     cfg.seed + 1)

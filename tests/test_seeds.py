@@ -53,7 +53,8 @@ def test_each_seed_has_a_chain_of_its_own(tiny_presets, tmp_path, capsys):
     dpo_config = json.load(open(tmp_path / "small" / "seed5" / "dpo" / "metrics.json"))["config"]
     assert row["settings"]["dpo"] == {k: dpo_config[k] for k in ("beta", "steps", "twins")}
     assert results_module.method_settings([row]) == (  # the recipe, in words
-        f"reward model {TINY[reward]['steps']} steps, best-of-N on {TINY[reward]['bon_prompts']} prompts; PPO beta adapted towards a KL of {ppo_config['target_kl']:g} nats from {ppo_config['kl_coef']:g}; "
+        f"reward model {TINY[reward]['steps']} steps, read as its mean over the response, best-of-N on "
+        f"{TINY[reward]['bon_prompts']} prompts; PPO beta adapted towards a KL of {ppo_config['target_kl']:g} nats from {ppo_config['kl_coef']:g}; "
         f"DPO beta={dpo_config['beta']:g}, {dpo_config['steps']} steps on the sampled pairs")
     assert set(row["seconds"]) == {"pretrain", "sft", "pairs", "reward", "best_of_n", "rejection", "ppo", "dpo",
                                    "oracle", "expected"}
@@ -62,7 +63,8 @@ def test_each_seed_has_a_chain_of_its_own(tiny_presets, tmp_path, capsys):
     again = seeds.train(cfg)  # everything is there: nothing is trained again, the same numbers come back
     assert "pretraining" not in capsys.readouterr().out
     assert again["seeds"] == results["seeds"]
-    assert row["settings"]["reward"] == {"steps": TINY[reward]["steps"], "bon_prompts": TINY[reward]["bon_prompts"]}
+    assert row["settings"]["reward"] == {"steps": TINY[reward]["steps"], "readout": "mean",
+                                         "bon_prompts": TINY[reward]["bon_prompts"]}
 
 
 def test_a_method_is_trained_again_when_its_reward_model_was(tiny_presets, tmp_path, capsys, monkeypatch):
