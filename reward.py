@@ -12,12 +12,12 @@ Stage 3a: preference data, the reward model, best-of-N, and rejection-sampling f
 
 The reward model is the SFT model with a scalar head (InstructGPT: the RM starts from the SFT model), and its
 score is the mean of the head over the response's tokens (`readout`; InstructGPT reads the last token alone). The
-pairs are all pairs of k SFT samples per training prompt, and each
-sample against its retold twin (the same story about someone else, or about what was asked: `retold`), labelled by
-the simulated labeller; they are stored as JSONL {"prompt", "chosen", "rejected"}, and dpo.py trains on the same
-file. The twins are a contrast set: without them the reward model ranks stories by mood and ending and does not
-read the prompt (`prompt_swap` measures it). After training, the head's bias is shifted so SFT samples score 0 on
-average (InstructGPT normalises the RM the same way).
+pairs are all pairs of k SFT samples per training prompt, and each sample against its retold twin (the same
+story about someone else, or about what was asked: `retold`), labelled by the simulated labeller; they are stored
+as JSONL {"prompt", "chosen", "rejected"}, and dpo.py trains on the same file. The twins are a contrast set:
+without them the reward model ranks stories by mood and ending and does not read the prompt (`prompt_swap`
+measures it). After training, the head's bias is shifted so SFT samples score 0 on average (InstructGPT normalises
+the RM the same way).
 
 Run:  python reward.py                       (builds missing earlier stages; out/reward/)
       python reward.py --stage=best_of_n     (the best-of-N curve on held-out prompts; out/best_of_n/)

@@ -60,10 +60,10 @@ def method_settings(rows):
         return f"beta={p['kl_coef']:g}"
     def dpo_words(d):
         return f"beta={d['beta']:g}, {d['steps']} steps on {'all the pairs' if d['twins'] else 'the sampled pairs'}"
-    def reward_words(r):  # rows of the recipes before seeds.settings recorded the reward model say nothing
+    def reward_words(r):  # rows recorded before seeds.settings named the reward model, or its readout, say less
         if not r:
             return ""
-        read = READOUTS.get(r.get("readout"), "")  # rows recorded before seeds.settings named the readout: nothing
+        read = READOUTS.get(r.get("readout"), "")
         return f"reward model {r['steps']} steps{read}, best-of-N on {r['bon_prompts']} prompts; "
     words = {f"{reward_words(r['settings'].get('reward'))}PPO {ppo_words(r['settings']['ppo'])}; "
              f"DPO {dpo_words(r['settings']['dpo'])}" for r in rows}
@@ -166,8 +166,8 @@ def readme_table(record, processes=None, chain_time=None):
             lines.append(f"The {p} preset has no seed in this record yet: `python notebooks/seeds.py --preset={p}` "
                          f"adds its columns.")
             continue
-        others = [(key, name) for key, name in (("best_of_n", "best-of-N"), ("dpo", "DPO"), ("rejection", "rejection sampling"),
-                                                ("oracle", "PPO on the gold human")) if all(key in r["seconds"] for r in rows)]
+        others = [(key, name) for key, name in (("best_of_n", "best-of-N"), ("dpo", "DPO"), ("rejection",
+                  "rejection sampling"), ("oracle", "PPO on the gold human")) if all(key in r["seconds"] for r in rows)]
         missing = [name for key, name in METHODS if not column(record, p, key, "gold_reward")]
         groups = by_machine(rows)
         took = "; ".join(f"{minutes(rs, CHAIN):.1f} minutes a seed{' on ' + m.split(',')[0] if len(groups) > 1 else ''}"

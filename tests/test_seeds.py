@@ -54,7 +54,8 @@ def test_each_seed_has_a_chain_of_its_own(tiny_presets, tmp_path, capsys):
     assert row["settings"]["dpo"] == {k: dpo_config[k] for k in ("beta", "steps", "twins")}
     assert results_module.method_settings([row]) == (  # the recipe, in words
         f"reward model {TINY[reward]['steps']} steps, read as its mean over the response, best-of-N on "
-        f"{TINY[reward]['bon_prompts']} prompts; PPO beta adapted towards a KL of {ppo_config['target_kl']:g} nats from {ppo_config['kl_coef']:g}; "
+        f"{TINY[reward]['bon_prompts']} prompts; PPO beta adapted towards a KL of {ppo_config['target_kl']:g} nats "
+        f"from {ppo_config['kl_coef']:g}; "
         f"DPO beta={dpo_config['beta']:g}, {dpo_config['steps']} steps on the sampled pairs")
     assert set(row["seconds"]) == {"pretrain", "sft", "pairs", "reward", "best_of_n", "rejection", "ppo", "dpo",
                                    "oracle", "expected"}
