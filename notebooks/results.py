@@ -54,10 +54,12 @@ READOUTS = {"mean": ", read as its mean over the response", "last": ", read at t
 def method_settings(rows):
     """What the reward model, PPO and DPO ran with on these seeds, in words, from each row's settings
     (seeds.settings)."""
-    def ppo_words(p):
-        if p["adaptive_kl"]:
-            return f"beta adapted towards a KL of {p['target_kl']:g} nats from {p['kl_coef']:g}"
-        return f"beta={p['kl_coef']:g}"
+    def ppo_words(p):  # rows recorded before ppo.Config.kl_coef_floor had no floor
+        if not p["adaptive_kl"]:
+            return f"beta={p['kl_coef']:g}"
+        floor = p.get("kl_coef_floor", 0.0)
+        bound = (" and never below it" if floor == 1 else f", never below {floor:g} times that") if floor else ""
+        return f"beta adapted towards a KL of {p['target_kl']:g} nats from {p['kl_coef']:g}{bound}"
     def dpo_words(d):
         return f"beta={d['beta']:g}, {d['steps']} steps on {'all the pairs' if d['twins'] else 'the sampled pairs'}"
     def reward_words(r):  # rows recorded before seeds.settings named the reward model, or its readout, say less
@@ -220,9 +222,20 @@ def change_section(before, record):
            f"and on today's ({method_settings(rows)}), seed by seed: each seed is a whole chain of its own each "
            "time, so a seed's two numbers differ by the change and by the chain's chaos, and the worst seed is what "
            "a claim is judged on.", ""]
+    def samples(seeds):
+        return "/".join(map(str, sorted({r["expected"]["samples"] for r in seeds if "expected" in r})))
+
+    def kls(seeds):
+        return all("kl" in r.get("expected", {}).get("ppo", {}) for r in seeds)
+
     for earlier in before:
-        out += [f"### {earlier['recipe']} -> today's", "",
-                f"On {machines(earlier['small']['seeds'])}.", "", change_table(earlier["small"]["seeds"], rows), ""]
+        then = earlier["small"]["seeds"]
+        noted = "" if samples(then) == samples(rows) else (
+            f" Follow and win rates are expectations over {samples(then)} samples a prompt there and "
+            f"{samples(rows)} today (`notebooks/seeds.py --samples`)"
+            + (f"; KLs one draw there and over {samples(rows)} today." if kls(rows) and not kls(then) else "."))
+        out += [f"### {earlier['recipe']} -> today's", "", f"On {machines(then)}.{noted}", "",
+                change_table(then, rows), ""]
     return "\n".join(out)
 
 
@@ -286,7 +299,9 @@ def results_page(record, levers=None, before=None, recipe_before=None):
         out += ["### The InstructGPT claim, judged on the worst seed", "", checks_table(rows), ""]
         n = [r["expected"]["samples"] for r in rows if "expected" in r]
         if n:
-            out += [f"Follow and win rates here are expectations over {n[0]} samples a held-out prompt from each "
+            what = "Follow rates, win rates and KLs" if all("kl" in r["expected"]["ppo"] for r in rows
+                                                           if "expected" in r) else "Follow and win rates"
+            out += [f"{what} here are expectations over {n[0]} samples a held-out prompt from each "
                     f"model (`notebooks/seeds.py --samples`), on {len(n)} of the {len(rows)} seeds"
                     + ("" if len(n) == len(rows) else "; on the others, each stage's one draw") + ".", ""]
     if recipe_before:

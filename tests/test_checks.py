@@ -31,7 +31,7 @@ def test_checks_line_names_what_holds_on_the_worst_seed():
 def test_checks_use_a_seeds_expectations_where_it_has_them():
     one_draw, with_expected = fake_row(1, 0.79), fake_row(2, 0.79)
     with_expected["expected"] = {"samples": 4, "sft": {"follow_rate": 0.58},
-                                 "ppo": {"follow_rate": 0.80, "win_rate_vs_sft": 0.81},
+                                 "ppo": {"follow_rate": 0.80, "win_rate_vs_sft": 0.81, "kl": 3.2},
                                  "dpo": {"follow_rate": 0.70, "win_rate_vs_sft": 0.77}}
     assert checks.expected(one_draw, "sft", "follow_rate") == 0.7  # PPO's one draw of the SFT model
     assert checks.expected(with_expected, "sft", "follow_rate") == 0.58
@@ -41,6 +41,8 @@ def test_checks_use_a_seeds_expectations_where_it_has_them():
     assert "| 0.58 |" in row("| SFT follow rate") and row("| SFT follow rate").endswith("| no |")
     assert "| 0.77 |" in row("| DPO: win rate") and "| 12 |" in row("| DPO: follow rate")  # 70 - 58 points
     assert "| 0.02 |" in lines[-1]  # PPO's spread: 0.81 expected against 0.79 drawn
+    assert "| 3.2 |" in row("| PPO: KL") and row("| PPO: KL").endswith("| no |")  # 3.2 expected, 2.0 drawn
+    assert "| 2 |" in row("| DPO: KL")  # no expected KL on either seed: each one's draw
 
 
 def test_change_table_pairs_each_seed_with_itself_before():

@@ -134,6 +134,11 @@ def test_adaptive_kl_controller():
                         0.1 * (1 + 0.2 * 64 / 1000))
     assert math.isclose(ppo.update_kl_coef(0.1, kl=0.0, target=6.0, n_steps=64, horizon=1000),
                         0.1 * (1 - 0.2 * 64 / 1000))
+    # the floor: a KL under target lowers beta to the floor and no further; above target the floor changes nothing
+    assert ppo.update_kl_coef(0.1, kl=0.0, target=6.0, n_steps=64, horizon=1000, floor=0.1) == 0.1
+    assert ppo.update_kl_coef(0.1, kl=0.0, target=6.0, n_steps=64, horizon=1000, floor=0.099) == 0.099
+    assert math.isclose(ppo.update_kl_coef(0.1, kl=100.0, target=6.0, n_steps=64, horizon=1000, floor=0.1),
+                        0.1 * (1 + 0.2 * 64 / 1000))
 
 
 def test_rollout_kl_is_zero_when_policy_equals_reference():

@@ -64,6 +64,33 @@ def test_sft_is_scored_as_ppo_scores_it():
     assert results.method_numbers(row, "best_of_n") is None  # no N = 16 on this row: a "-" cell, not a made-up one
 
 
+def test_ppo_settings_name_the_controllers_floor():
+    # a row recorded before ppo.Config.kl_coef_floor says no floor; a floor of 1 is "never below" the start
+    dpo = {"beta": 0.3, "steps": 240, "twins": False}
+    ppo = {"kl_coef": 0.3, "adaptive_kl": True, "target_kl": 2.5}
+    words = [results.method_settings([{"settings": {"ppo": dict(ppo, **floor), "dpo": dpo}}]).split(";")[0]
+             for floor in ({}, {"kl_coef_floor": 1.0}, {"kl_coef_floor": 0.5})]
+    assert words == ["PPO beta adapted towards a KL of 2.5 nats from 0.3",
+                     "PPO beta adapted towards a KL of 2.5 nats from 0.3 and never below it",
+                     "PPO beta adapted towards a KL of 2.5 nats from 0.3, never below 0.5 times that"]
+
+
+def test_recipe_change_says_when_the_samples_differ():
+    # an earlier recipe's expectations over 4 samples a prompt, today's over 16: the section says so, and only then
+    def with_samples(n):
+        row = fake_row(1, 0.8)
+        row["settings"] = {"ppo": {"kl_coef": 0.3, "adaptive_kl": False},
+                           "dpo": {"beta": 0.3, "steps": 240, "twins": False}}
+        method = {"follow_rate": 0.8, "win_rate_vs_sft": 0.8}
+        row["expected"] = {"samples": n, "sft": {"follow_rate": 0.6}, "ppo": method, "dpo": method}
+        return dict(row, machine="m")
+    today = {"small": {"seeds": [with_samples(16)]}}
+    differ = results.change_section([{"recipe": "Before", "small": {"seeds": [with_samples(4)]}}], today)
+    same = results.change_section([{"recipe": "Before", "small": {"seeds": [with_samples(16)]}}], today)
+    assert "expectations over 4 samples a prompt there and 16 today" in differ
+    assert "samples a prompt there" not in same
+
+
 def test_missing_markers_are_one_clear_error():
     with pytest.raises(ValueError, match="markers"):
         results.with_table("# a README without them\n", "| table |")

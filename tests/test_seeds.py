@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 import dpo
 import ppo
@@ -49,13 +50,13 @@ def test_each_seed_has_a_chain_of_its_own(tiny_presets, tmp_path, capsys):
         assert set(seeds.FIELDS) <= set(row[method]), method
     assert row["best_of_n"][0]["n"] == 1 and row["best_of_n"][0]["kl"] == 0
     ppo_config = json.load(open(tmp_path / "small" / "seed5" / "ppo" / "metrics.json"))["config"]
-    assert row["settings"]["ppo"] == {k: ppo_config[k] for k in ("kl_coef", "adaptive_kl", "target_kl")}
+    assert row["settings"]["ppo"] == {k: ppo_config[k] for k in ("kl_coef", "adaptive_kl", "target_kl", "kl_coef_floor")}
     dpo_config = json.load(open(tmp_path / "small" / "seed5" / "dpo" / "metrics.json"))["config"]
     assert row["settings"]["dpo"] == {k: dpo_config[k] for k in ("beta", "steps", "twins")}
     assert results_module.method_settings([row]) == (  # the recipe, in words
         f"reward model {TINY[reward]['steps']} steps, read as its mean over the response, best-of-N on "
         f"{TINY[reward]['bon_prompts']} prompts; PPO beta adapted towards a KL of {ppo_config['target_kl']:g} nats "
-        f"from {ppo_config['kl_coef']:g}; "
+        f"from {ppo_config['kl_coef']:g} and never below it; "
         f"DPO beta={dpo_config['beta']:g}, {dpo_config['steps']} steps on the sampled pairs")
     assert set(row["seconds"]) == {"pretrain", "sft", "pairs", "reward", "best_of_n", "rejection", "ppo", "dpo",
                                    "oracle", "expected"}
@@ -79,3 +80,23 @@ def test_a_method_is_trained_again_when_its_reward_model_was(tiny_presets, tmp_p
     out = capsys.readouterr().out
     assert f"{folder}: training ppo" in out and f"{folder}: training best_of_n" in out
     assert f"{folder / 'dpo' / 'metrics.json'}: done before with this config, reused" in out  # DPO has no reward model
+
+
+def test_expectations_of_a_copy_of_sft_are_sfts_own(tmp_path):
+    # PPO the SFT model's very copy: the same draws, so its KL to SFT is 0 and its follow rate SFT's; its win rate is
+    # 1/2 by symmetry (each pair of samples is counted both ways round). DPO a far sharper model: a positive KL.
+    from model import GPT, GPTConfig
+    import data
+    torch.manual_seed(0)
+    config = GPTConfig(data.tokenizer().n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32)
+    model, other = GPT(config), GPT(config)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(10)
+    for name, m in (("sft", model), ("ppo", model), ("dpo", other)):
+        sft.save_stage(str(tmp_path / name), m, {}, step=0)
+    pcfg = ppo.Config(eval_prompts=3, max_new_tokens=8)
+    out = seeds.expectations(str(tmp_path), pcfg, n=2, device="cpu")
+    assert out["samples"] == 2 and out["ppo"]["kl"] == 0.0
+    assert out["ppo"]["follow_rate"] == out["sft"]["follow_rate"] and out["ppo"]["win_rate_vs_sft"] == 0.5
+    assert out["dpo"]["kl"] > 0
