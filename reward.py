@@ -4,7 +4,8 @@ Stage 3a: preference data, the reward model, best-of-N, and rejection-sampling f
   labeller     P(a > b) = sigmoid((g(a) - g(b)) / tau)       g = data.gold_reward: noisy, like human labellers
   reward model L = -log sigmoid(r(x, y_w) - r(x, y_l) - m)   Bradley-Terry (Ouyang et al. 2022, eq. 1); m = 0
                                                              unless a pair has LLaMA-2's margin (Touvron et al. 2023,
-                                                             eq. 2): how much better the labeller said y_w is
+                                                             eq. 2): how much better the labeller said y_w is;
+               with label smoothing eps, (1 - eps) L(z) + eps L(-z), z = r_w - r_l - m: each label trusted 1 - eps
   score        r(x, y) = 1/|y| sum_{t in y} v(x, y_<=t)     the head's mean over the response (readout "mean");
                                                              InstructGPT reads v at the last token ("last")
   best-of-N    y* = argmax_{y_1..y_N ~ pi_sft} r(x, y),   KL(pi_bon || pi_sft) = log N - (N - 1) / N
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 import data
 import sft
 from model import (ScalarHeadModel, atomic_write, autocast, barrier, check_finite, data_parallel, files_or_empty,
-                   load_model, mean_over_processes, my_share, non_negative, on_rank_0, one_line_errors, one_of,
-                   parse_config, pick_device, positive, rank, run_fields, to_device)
+                   interval, load_model, mean_over_processes, my_share, non_negative, on_rank_0, one_line_errors,
+                   one_of, parse_config, pick_device, positive, rank, run_fields, to_device)
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Config:
     """1e-3 read the request better than 5e-4 on three seeds of the recipe before the curriculum, and better than
     2e-3 (notebooks/RESULTS.md, the levers before the recipe changed)"""
     weight_decay: float = 0.1
+    label_smoothing: float = 0.1
+    """eps in -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), z = r_w - r_l - m: each label trusted 1 - eps"""
     readout: str = "mean"
     """mean: r(x, y) is the mean of the head's values over the response's tokens (its EOT included), so every
     token of the story answers for the preference; last: the value at the last token alone (InstructGPT's). On the
@@ -105,6 +108,7 @@ def check(cfg):
     """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
     yield one_of(cfg, "stage", "reward", "best_of_n", "rejection")
     yield one_of(cfg, "readout", "mean", "last")
+    yield interval(cfg, "label_smoothing", "[0, 0.5)")  # at 0.5 a label says nothing
     yield from files_or_empty(cfg, "data")
     yield from run_fields(cfg)
     yield from positive(cfg, "n_prompts", "n_eval_pairs", "tau", "steps", "batch_size", "lr", "max_new_tokens",
@@ -140,11 +144,13 @@ def bt_label(gold_a, gold_b, tau, rng):
     return graded_label(gold_a, gold_b, tau, rng)[0]
 
 
-def preference_loss(chosen_rewards, rejected_rewards, margins=0.0):
+def preference_loss(chosen_rewards, rejected_rewards, margins=0.0, smoothing=0.0):
     """Bradley-Terry: mean of -log sigmoid(r_w - r_l - m) over the batch. chosen/rejected_rewards: (B,); margins m:
-    (B,) or a number, 0 for a plain preference (LLaMA-2: larger for "significantly better" than "slightly")."""
-    # -log sigmoid(r_w - r_l - m), with logsigmoid for numerical stability
-    return -F.logsigmoid(chosen_rewards - rejected_rewards - margins).mean()
+    (B,) or a number, 0 for a plain preference (LLaMA-2: larger for "significantly better" than "slightly");
+    smoothing eps: each label trusted 1 - eps."""
+    z = chosen_rewards - rejected_rewards - margins
+    # -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), with logsigmoid for numerical stability
+    return -((1 - smoothing) * F.logsigmoid(z) + smoothing * F.logsigmoid(-z)).mean()
 
 
 def rm_scores(rm, ids, attention_mask, response_start):
@@ -371,7 +377,7 @@ def train_reward_model(rm, pairs, cfg, device):
             scores = rm_scores(rm, to_device(ids, device), to_device(mask, device), starts)  # (2B,)
         chosen_rewards, rejected_rewards = scores.float().chunk(2)  # (B,), (B,)
         margins = torch.tensor([float(p.get("margin", 0.0)) for p in batch], device=scores.device)  # (B,) 0 if none
-        loss = preference_loss(chosen_rewards, rejected_rewards, margins)
+        loss = preference_loss(chosen_rewards, rejected_rewards, margins, cfg.label_smoothing)
         check_finite(step, loss=loss)
         sft.optimizer_step(rm, optimizer, loss, sft.lr_at(step, cfg.steps, cfg.lr, warmup=10))
         acc = float((chosen_rewards > rejected_rewards).float().mean())

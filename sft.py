@@ -420,7 +420,7 @@ CHAIN = {
                                          "weight_decay")),
     "pairs":     ("reward", ("sft",), ("n_prompts", "k", "retell", "tau", "grades", "seed", "max_new_tokens")),
     "reward":    ("reward", ("sft", "pairs"), ("data", "seed", "steps", "twin_steps", "batch_size", "lr",
-                                               "weight_decay", "readout")),
+                                               "weight_decay", "readout", "label_smoothing")),
     "rejection": ("reward", ("sft", "reward"), ("seed", "rs_prompts", "rs_n", "rs_steps", "batch_size", "lr",
                                                 "weight_decay", "max_new_tokens")),
     "best_of_n": ("reward", ("sft", "reward"), ()),

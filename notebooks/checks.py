@@ -8,8 +8,8 @@ notebooks/figures/seeds.json (notebooks/seeds.py writes them):
   PPO           win rate spread over the seeds (max - min) <= 0.08
 
 Follow rates, win rates and KLs are expectations over several samples a prompt where a seed has them
-(seeds.expectations), since one draw of 256 samples moves a rate by about 0.03. notebooks/results.py renders these tables into the
-README and RESULTS.md; the lecture notebooks print them from the same records.
+(seeds.expectations), since one draw of 256 samples moves a rate by about 0.03. notebooks/results.py renders these
+tables into the README and RESULTS.md; the lecture notebooks print them from the same records.
 """
 
 

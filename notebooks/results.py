@@ -66,7 +66,8 @@ def method_settings(rows):
         if not r:
             return ""
         read = READOUTS.get(r.get("readout"), "")
-        return f"reward model {r['steps']} steps{read}, best-of-N on {r['bon_prompts']} prompts; "
+        smoothed = f", labels smoothed by {r['label_smoothing']:g}" if r.get("label_smoothing") else ""
+        return f"reward model {r['steps']} steps{read}{smoothed}, best-of-N on {r['bon_prompts']} prompts; "
     words = {f"{reward_words(r['settings'].get('reward'))}PPO {ppo_words(r['settings']['ppo'])}; "
              f"DPO {dpo_words(r['settings']['dpo'])}" for r in rows}
     return " / ".join(sorted(words))

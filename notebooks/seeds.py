@@ -91,7 +91,7 @@ def summary(path, keys=FIELDS):
 def settings(rcfg, pcfg, dcfg):
     """What a seed's reward model, PPO and DPO ran with, for the results' names of the methods
     (results.method_settings)."""
-    return {"reward": {k: getattr(rcfg, k) for k in ("steps", "readout", "bon_prompts")},
+    return {"reward": {k: getattr(rcfg, k) for k in ("steps", "readout", "label_smoothing", "bon_prompts")},
             "ppo": {k: getattr(pcfg, k) for k in ("kl_coef", "adaptive_kl", "target_kl", "kl_coef_floor")},
             "dpo": {k: getattr(dcfg, k) for k in ("beta", "steps", "twins")}}
 

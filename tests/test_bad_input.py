@@ -51,6 +51,7 @@ BAD_FLAGS = [
     ("sft.py", ["--data=no/such/demos.jsonl"], "--data=no/such/demos.jsonl: must be an existing file"),
     ("reward.py", ["--tau=0"], "--tau=0.0: must be > 0"),
     ("reward.py", ["--k=1"], "--k=1: must be >= 2"),
+    ("reward.py", ["--label_smoothing=0.5"], "--label_smoothing=0.5: must be in [0, 0.5)"),
     ("reward.py", ["--stage=ppo"], "--stage=ppo: must be one of reward, best_of_n, rejection"),
     ("reward.py", ["--eval_prompts=50000"], "--eval_prompts=50000: must be at most what the world has"),
     ("reward.py", ["--weight_decay=-0.1"], "--weight_decay=-0.1: must be >= 0"),

@@ -68,6 +68,22 @@ def test_margin_loss_hand_worked():
     assert losses == sorted(losses) and losses[0] < losses[-1]
 
 
+def test_label_smoothing_hand_worked():
+    # eps = 0.1, d = 1: -(0.9 log sigmoid(1) + 0.1 log sigmoid(-1)) = 0.9 * 0.313262 + 0.1 * 1.313262 = 0.413262;
+    # dL/dd = sigmoid(d) - (1 - eps) = 0.731059 - 0.9 = -0.168941, zero at sigmoid(d) = 0.9: d = log 9, where a
+    # smoothed label stops pushing the two rewards apart (a plain one never does)
+    d = torch.tensor([1.0], requires_grad=True)
+    loss = reward.preference_loss(d, torch.zeros(1), smoothing=0.1)
+    assert math.isclose(loss.item(), 0.413262, abs_tol=1e-6)
+    loss.backward()
+    assert math.isclose(d.grad.item(), -0.168941, abs_tol=1e-6)
+    at = torch.tensor([math.log(9)], requires_grad=True)
+    reward.preference_loss(at, torch.zeros(1), smoothing=0.1).backward()
+    assert abs(at.grad.item()) < 1e-6
+    plain = reward.preference_loss(d, torch.zeros(1))
+    assert torch.equal(reward.preference_loss(d, torch.zeros(1), smoothing=0.0), plain)
+
+
 def test_train_reward_model_reads_the_pairs_margins():
     # a margin of 0 on every pair is the plain loss: the same reward model, bit for bit; a margin of 1 is not
     pairs = happy_pairs(8, seed=0)

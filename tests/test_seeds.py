@@ -50,11 +50,13 @@ def test_each_seed_has_a_chain_of_its_own(tiny_presets, tmp_path, capsys):
         assert set(seeds.FIELDS) <= set(row[method]), method
     assert row["best_of_n"][0]["n"] == 1 and row["best_of_n"][0]["kl"] == 0
     ppo_config = json.load(open(tmp_path / "small" / "seed5" / "ppo" / "metrics.json"))["config"]
-    assert row["settings"]["ppo"] == {k: ppo_config[k] for k in ("kl_coef", "adaptive_kl", "target_kl", "kl_coef_floor")}
+    ppo_keys = ("kl_coef", "adaptive_kl", "target_kl", "kl_coef_floor")
+    assert row["settings"]["ppo"] == {k: ppo_config[k] for k in ppo_keys}
     dpo_config = json.load(open(tmp_path / "small" / "seed5" / "dpo" / "metrics.json"))["config"]
     assert row["settings"]["dpo"] == {k: dpo_config[k] for k in ("beta", "steps", "twins")}
     assert results_module.method_settings([row]) == (  # the recipe, in words
-        f"reward model {TINY[reward]['steps']} steps, read as its mean over the response, best-of-N on "
+        f"reward model {TINY[reward]['steps']} steps, read as its mean over the response, labels smoothed by "
+        f"{reward.Config.label_smoothing:g}, best-of-N on "
         f"{TINY[reward]['bon_prompts']} prompts; PPO beta adapted towards a KL of {ppo_config['target_kl']:g} nats "
         f"from {ppo_config['kl_coef']:g} and never below it; "
         f"DPO beta={dpo_config['beta']:g}, {dpo_config['steps']} steps on the sampled pairs")
@@ -66,6 +68,7 @@ def test_each_seed_has_a_chain_of_its_own(tiny_presets, tmp_path, capsys):
     assert "pretraining" not in capsys.readouterr().out
     assert again["seeds"] == results["seeds"]
     assert row["settings"]["reward"] == {"steps": TINY[reward]["steps"], "readout": "mean",
+                                         "label_smoothing": reward.Config.label_smoothing,
                                          "bon_prompts": TINY[reward]["bon_prompts"]}
 
 
