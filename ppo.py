@@ -418,6 +418,7 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
 
     gen = torch.Generator().manual_seed(cfg.seed)
     kl_coef, history = cfg.kl_coef, []
+    floor = cfg.kl_coef_floor * cfg.kl_coef  # the adaptive controller never lowers beta below this
     for step in range(cfg.steps):
         t0 = time.time()
         group = 1 if cfg.advantage == "gae" else cfg.group_size  # G samples of each prompt, in consecutive rows
@@ -443,7 +444,6 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
         if cfg.sample_every and step % cfg.sample_every == 0:
             print(f"  sample: {texts[0]!r}")
         if cfg.adaptive_kl:
-            floor = cfg.kl_coef_floor * cfg.kl_coef
             kl_coef = update_kl_coef(kl_coef, row["kl"], cfg.target_kl, cfg.batch_size, cfg.kl_horizon, floor)
 
     metrics, texts, _ = sft.compare_with_sft(policy, ref, eval_prompts, cfg.max_new_tokens, device, cfg.seed,

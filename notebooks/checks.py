@@ -100,3 +100,13 @@ def change_table(before_rows, rows):
         cells = [f"{f(old[s]):.3g} -> {f(new[s]):.3g}" if f else "" for s in seeds]
         lines.append(f"| {what} | {op} {bound:g} | {' | '.join(cells)} | {worst_before:.3g} -> {now[what][3]:.3g} |")
     return "\n".join(lines)
+
+
+def seed_changes(before_rows, rows, columns):
+    """The lectures' plain-text table of a recipe change, one line a seed that both records have: columns are
+    (header, function of a seed's row, format spec), each cell `before -> today`."""
+    old = {r["seed"]: r for r in before_rows}
+    lines = [f"{'seed':>5} | " + " | ".join(f"{h:^16}" for h, _, _ in columns)]
+    for r in (r for r in rows if r["seed"] in old):
+        lines.append(f"{r['seed']:>5} | " + " | ".join(f"{f(old[r['seed']]):{s}} -> {f(r):{s}}" for _, f, s in columns))
+    return "\n".join(lines)

@@ -51,6 +51,11 @@ METHODS = [("sft", "SFT"), ("best_of_n", f"best-of-{BON_N}"), ("rejection", "rej
 READOUTS = {"mean": ", read as its mean over the response", "last": ", read at the last token"}  # reward.Config.readout
 
 
+def expected_kls(rows):
+    """Do these seeds' rows hold the KL as an expectation (seeds.expectations), not the stage's one draw?"""
+    return all("kl" in r.get("expected", {}).get("ppo", {}) for r in rows)
+
+
 def method_settings(rows):
     """What the reward model, PPO and DPO ran with on these seeds, in words, from each row's settings
     (seeds.settings)."""
@@ -226,15 +231,13 @@ def change_section(before, record):
     def samples(seeds):
         return "/".join(map(str, sorted({r["expected"]["samples"] for r in seeds if "expected" in r})))
 
-    def kls(seeds):
-        return all("kl" in r.get("expected", {}).get("ppo", {}) for r in seeds)
-
     for earlier in before:
         then = earlier["small"]["seeds"]
         noted = "" if samples(then) == samples(rows) else (
             f" Follow and win rates are expectations over {samples(then)} samples a prompt there and "
             f"{samples(rows)} today (`notebooks/seeds.py --samples`)"
-            + (f"; KLs one draw there and over {samples(rows)} today." if kls(rows) and not kls(then) else "."))
+            + (f"; KLs one draw there and over {samples(rows)} today."
+               if expected_kls(rows) and not expected_kls(then) else "."))
         out += [f"### {earlier['recipe']} -> today's", "", f"On {machines(then)}.{noted}", "",
                 change_table(then, rows), ""]
     return "\n".join(out)
@@ -300,8 +303,8 @@ def results_page(record, levers=None, before=None, recipe_before=None):
         out += ["### The InstructGPT claim, judged on the worst seed", "", checks_table(rows), ""]
         n = [r["expected"]["samples"] for r in rows if "expected" in r]
         if n:
-            what = "Follow rates, win rates and KLs" if all("kl" in r["expected"]["ppo"] for r in rows
-                                                           if "expected" in r) else "Follow and win rates"
+            what = ("Follow rates, win rates and KLs" if expected_kls([r for r in rows if "expected" in r])
+                    else "Follow and win rates")
             out += [f"{what} here are expectations over {n[0]} samples a held-out prompt from each "
                     f"model (`notebooks/seeds.py --samples`), on {len(n)} of the {len(rows)} seeds"
                     + ("" if len(n) == len(rows) else "; on the others, each stage's one draw") + ".", ""]

@@ -57,3 +57,11 @@ def test_change_table_pairs_each_seed_with_itself_before():
     kl = next(line for line in lines if line.startswith("| PPO: KL"))
     assert kl.endswith("| 2 -> 2 |")  # a <= bound's worst is the largest
     assert lines[-1].endswith("| 0.1 -> 0.03 |")  # spread over seeds 1 and 2 alone: 0.80 - 0.70, 0.85 - 0.82
+
+
+def test_seed_changes_pairs_each_seed_with_itself_before():
+    before = [fake_row(1, 0.70), fake_row(2, 0.80), fake_row(9, 0.10)]  # seed 9 has no row now: left out
+    now = [fake_row(2, 0.85), fake_row(1, 0.82)]
+    win = [("PPO win rate", lambda r: r["ppo"]["win_rate_vs_sft"], "6.3f")]
+    assert checks.seed_changes(before, now, win).splitlines() == [
+        " seed |   PPO win rate  ", "    2 |  0.800 ->  0.850", "    1 |  0.700 ->  0.820"]
