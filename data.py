@@ -1,19 +1,17 @@
 """
-The lab's world: a tokenizer, a generated story corpus, instructions, the gold "human", and the data formats.
+The lab's world: a generated story corpus, instructions, the gold "human", a tokenizer, and the data formats.
 
 Nothing is downloaded. Every text comes from a small probabilistic grammar of children's stories, deterministic
-from a seed. A story has a protagonist (a name and an animal), a place, objects and a friend, a mood (happy or
-sad sentences), a length, sometimes repeated sentences, and it is finished ("The end.") or cut off. Instructions
-ask for a character, an animal and/or a place, so a response can follow them or not.
+from a seed: a protagonist (a name and an animal), a place, objects, a friend, a mood, a length, sometimes repeated
+sentences, finished ("The end.") or cut off. Instructions ask for a character, an animal and/or a place, so a
+response can follow them or not.
 
-The gold human, `gold_reward(prompt, response)`, scores any text (words a story never uses and repeated words
-included). It stands in for the human whose preferences RLHF tries to learn: later stages never train on it, they
-see it only through noisy pairwise labels (reward.py), and every stage reports against it, as the DPO paper
-scores its policies against a ground-truth reward.
+The gold human, `gold_reward(prompt, response)`, scores any text. It stands in for the human whose preferences
+RLHF tries to learn: later stages see it only through noisy pairwise labels (reward.py), and every stage is
+scored against it, as the DPO paper scores its policies against a ground-truth reward.
 
-The tokenizer is a byte-level BPE trained here on the corpus by `train_bpe` (about 1k tokens suit a model of a
-few million parameters), cached under out/, and wrapped in a tiktoken.Encoding; special tokens are
-<|endoftext|>, <|pad|> and <|mask|>. Bytes are the base vocabulary, so any text round-trips.
+The tokenizer is a byte-level BPE trained here on the corpus (`train_bpe`, about 1k tokens), cached under out/ and
+wrapped in a tiktoken.Encoding with the specials <|endoftext|>, <|pad|> and <|mask|>. Any text round-trips.
 """
 import base64
 import functools
@@ -28,7 +26,7 @@ from collections import Counter
 import tiktoken
 import torch
 
-from model import atomic_write, rank as process_rank
+from runs import atomic_write, load_jsonl, rank as process_rank, read_text
 
 # ----------------------------------------------------------------------------- the lexicon and the grammar
 
@@ -176,22 +174,6 @@ def _section(prompt, name):
     """The text of one ### section of an Alpaca prompt ("" if it has none)."""
     head = f"### {name}:"
     return prompt.split(head)[-1].split("###")[0] if head in prompt else ""
-
-
-@functools.lru_cache(maxsize=None)
-def longest_prompt_tokens():
-    """Tokens in the longest prompt random_task can make, for the scripts' check that a prompt and a response fit
-    block_size. A word's tokens do not depend on its neighbours (the pre-tokenizer splits at spaces and
-    punctuation), so a template filled slot by slot with the word that adds the most tokens is its longest prompt."""
-    slots = dict(N=NAMES, A=ANIMALS, P=PLACES, adj=ADJS)  # random_task's slots and their words
-    longest = 0
-    for instruction, input in [(t, "") for t in INSTRUCTIONS] + [(CONTINUE, t) for t in OPENINGS]:
-        tokens = lambda fill: len(encode(alpaca_prompt(instruction.format(**fill), input.format(**fill))))
-        fill = {k: words[0] for k, words in slots.items()}
-        for k, words in slots.items():
-            fill[k] = max(words, key=lambda w: tokens({**fill, k: w}))
-        longest = max(longest, tokens(fill))
-    return longest
 
 
 def requested(prompt):
@@ -455,46 +437,6 @@ def pad_left(seqs, value):
 
 # ----------------------------------------------------------------------------- the user's own files
 
-def load_jsonl(path, keys, numbers=()):
-    """Records from a JSONL file, each an object with string values for keys (and, where present, a number >= 0 for
-    each of numbers); errors name the file and line."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for k in keys:
-                if k not in rec:
-                    raise ValueError(f"{path}:{lineno}: missing key {k!r} (each line needs {', '.join(keys)})")
-                if not isinstance(rec[k], str):
-                    raise ValueError(f"{path}:{lineno}: {k!r} must be a string, got {type(rec[k]).__name__}")
-            for k in numbers:
-                v = rec.get(k, 0)
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                    raise ValueError(f"{path}:{lineno}: {k!r} must be a number >= 0, got {v!r}")
-            records.append(rec)
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
-
-
-def save_jsonl(path, records):
-    with atomic_write(path) as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
 def load_sft_jsonl(path):
     """A user's demonstrations: {"instruction", "output"} and optionally "input"."""
     return [{"input": "", **r} for r in load_jsonl(path, ("instruction", "output"))]
@@ -502,16 +444,7 @@ def load_sft_jsonl(path):
 
 def load_corpus(path):
     """A plain UTF-8 text file for pretraining; documents are separated by blank lines."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
-    docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+    docs = [d.strip() for d in re.split(r"\n\s*\n", read_text(path)) if d.strip()]
     if not docs:
         raise ValueError(f"{path}: no text")
     return docs

@@ -22,7 +22,7 @@ setting the paper recommends (Section 4), and the policy starts from the SFT mod
 
 Departures from the paper:
   - the reference log-probs of every pair are computed once before training (pi_ref is frozen): half the forwards.
-  - AdamW with sft.lr_at's warm-up and cosine decay, not RMSprop at a constant rate; batches drawn with
+  - AdamW with stages.lr_at's warm-up and cosine decay, not RMSprop at a constant rate; batches drawn with
     replacement, as in sft.py.
   - IPO on summed log-probs, like the sigmoid loss (Azar et al. write the loss for whole sequences, too; some
     libraries use per-token means instead, which changes what beta means).
@@ -42,13 +42,15 @@ import torch.nn.functional as F
 import data
 import reward
 import sft
-from model import (autocast, check_finite, data_parallel, files_or_empty, interval, load_model, mean_over_processes,
-                   my_share, non_negative, one_line_errors, one_of, parse_config, pick_device, positive, rank,
-                   run_fields, to_device)
+import stages
+from model import load_model, sequence_logps
+from runs import (autocast, check_finite, data_parallel, mean_over_processes, my_share, one_line_errors,
+                  parse_config, pick_device, rank, to_device)
+from stages import StageConfig, files_or_empty, interval, non_negative, one_of, positive, run_fields
 
 
 @dataclass
-class Config:
+class Config(StageConfig):
     beta: float = 0.3
     """beta in r_hat(x, y) = beta * log pi(y|x)/pi_ref(y|x): the KL coefficient; larger stays closer to pi_ref"""
     loss_type: str = "sigmoid"
@@ -64,18 +66,11 @@ class Config:
     """also train on the retold twin pairs (reward.is_twin: a sample and the same story told about someone else),
     which the reward model's curriculum starts from. Off: only pairs of two responses sampled for their prompt, the
     data DPO assumes (pi_ref's own, Section 4); a twin is a story pi_ref tells about someone else, and pushing its
-    log-probability down for this prompt cost the grammar of every story (notebooks/RESULTS.md, "How the recipe
+    log-probability down for this prompt cost the grammar of every story (notebooks/experiments/RESULTS.md, "How the recipe
     came to be")"""
-    out_dir: str = "out"
-    """where every stage reads and writes its checkpoint and metrics.json"""
-    preset: str = "auto"
-    """small, medium, or auto (medium when CUDA is available): see sft.PRESETS"""
-    device: str = "auto"
-    """cpu, cuda, mps (Apple's GPU), or auto: CUDA, then MPS, then the CPU"""
-    seed: int = 1337
     steps: int = 240
     """optimizer steps: on the sampled pairs alone (twins off) DPO moves less per step, and at 120 steps it stayed
-    well inside the KL that PPO spends while its win rate over SFT fell short (notebooks/RESULTS.md, "How the
+    well inside the KL that PPO spends while its win rate over SFT fell short (notebooks/experiments/RESULTS.md, "How the
     recipe came to be")"""
     batch_size: int = 16
     """preference pairs per step (2 * batch_size sequences in one forward)"""
@@ -94,21 +89,6 @@ class Config:
 
 
 PRESETS = {"small": {}, "medium": dict(steps=360)}  # sft.PRESETS says what they are
-
-
-def check(cfg):
-    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
-    yield from positive(cfg, "beta")  # beta < 0 would reverse every preference
-    yield one_of(cfg, "loss_type", "sigmoid", "ipo")
-    yield interval(cfg, "label_smoothing", "[0, 0.5)")  # eps = 0.5 is a coin flip; above it, labels reversed
-    yield "label_smoothing", cfg.loss_type == "sigmoid" or cfg.label_smoothing == 0, "0 with --loss_type=ipo"
-    yield from files_or_empty(cfg, "data")
-    yield from run_fields(cfg)
-    yield from positive(cfg, "steps", "batch_size", "lr", "eval_every", "eval_prompts", "max_new_tokens")
-    yield from non_negative(cfg, "warmup", "weight_decay", "nll_coef")
-    yield interval(cfg, "val_frac", "[0, 1)")
-    yield sft.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
-    yield sft.fits_sft_model(cfg)
 
 
 # ----------------------------------------------------------------------------- the math
@@ -178,7 +158,7 @@ def reference_logps(ref, pairs_t, device, batch_size=64):
     for i in range(0, len(pairs_t), batch_size):
         ids, labels = collate(pairs_t[i:i + batch_size], device)  # (2B, T)
         with autocast(device):
-            logps = sft.sequence_logps(ref, ids, labels)  # (2B,)
+            logps = sequence_logps(ref, ids, labels)  # (2B,)
         out.append(torch.stack(logps.chunk(2), dim=1))  # (B, 2)
     return torch.cat(out)
 
@@ -192,7 +172,7 @@ def pair_stats(policy, pairs_t, ref_logps, cfg, device, batch_size=64):
         for i in range(0, len(pairs_t), batch_size):
             ids, labels = collate(pairs_t[i:i + batch_size], device)
             with autocast(device):
-                chosen, rejected = sft.sequence_logps(policy, ids, labels).chunk(2)  # (B,), (B,)
+                chosen, rejected = sequence_logps(policy, ids, labels).chunk(2)  # (B,), (B,)
             ref = ref_logps[i:i + batch_size]  # (B, 2)
             l, cr, rr = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing,
                                  cfg.loss_type)
@@ -208,7 +188,7 @@ def pair_stats(policy, pairs_t, ref_logps, cfg, device, batch_size=64):
 def optimize(policy, train_t, train_ref, cfg, device, val_t=(), val_ref=None):
     """cfg.steps of DPO on the tokenized pairs train_t with their reference log-probs train_ref (N, 2).
     Returns the per-step history; every cfg.eval_every steps it also holds the held-out pair statistics."""
-    optimizer = sft.make_optimizer(policy, cfg.lr, cfg.weight_decay, device)
+    optimizer = stages.make_optimizer(policy, cfg.lr, cfg.weight_decay, device)
     rng = torch.Generator().manual_seed(cfg.seed)
     history = []
     for step in range(cfg.steps):
@@ -220,7 +200,7 @@ def optimize(policy, train_t, train_ref, cfg, device, val_t=(), val_ref=None):
         ref = train_ref[idx.to(train_ref.device)]  # (B, 2)
         # 2. log pi(y_w|x) and log pi(y_l|x) in one forward
         with autocast(device):
-            chosen_logps, rejected_logps = sft.sequence_logps(policy, ids, labels).chunk(2)  # (B,), (B,)
+            chosen_logps, rejected_logps = sequence_logps(policy, ids, labels).chunk(2)  # (B,), (B,)
         # 3. the preference loss, averaged over pairs
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, ref[:, 0], ref[:, 1],
                                                             cfg.beta, cfg.label_smoothing, cfg.loss_type)
@@ -231,8 +211,8 @@ def optimize(policy, train_t, train_ref, cfg, device, val_t=(), val_ref=None):
             loss = loss + cfg.nll_coef * (-chosen_logps / n_tokens).mean()
         check_finite(step, loss=loss)
         # 4. one AdamW step on theta
-        lr = sft.lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-        grad_norm = sft.optimizer_step(policy, optimizer, loss, lr)
+        lr = stages.lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        grad_norm = stages.optimizer_step(policy, optimizer, loss, lr)
         # chosen/rejected: beta * log pi/pi_ref, means; both often fall while the margin between them grows. Under
         # torchrun the means over the processes' equal shares: the global batch's
         row = mean_over_processes(dict(
@@ -243,7 +223,7 @@ def optimize(policy, train_t, train_ref, cfg, device, val_t=(), val_ref=None):
         if len(val_t) and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
             row.update({f"val_{k}": v for k, v in pair_stats(policy, val_t, val_ref, cfg, device).items()})
         history.append({"step": step, **row})
-        sft.log(step, loss=row["loss"], acc=row["reward_accuracy"], margin=row["reward_margin"],
+        stages.log(step, loss=row["loss"], acc=row["reward_accuracy"], margin=row["reward_margin"],
                 chosen=row["chosen_reward"], rejected=row["rejected_reward"],
                 **({"val_acc": row["val_reward_accuracy"]} if "val_reward_accuracy" in row else {}),
                 ms=int(1000 * (time.time() - t0)))
@@ -254,9 +234,9 @@ def train(cfg, policy=None, ref=None):
     """DPO from the SFT model on the preference pairs; writes out/dpo/model.pt and out/dpo/metrics.json. policy and
     ref (pi_ref) can be passed in instead of loaded from out/sft, as in ppo.train."""
     device = pick_device(cfg.device)
-    pairs = reward.load_pairs(cfg.data or sft.ensure_stage("pairs", cfg))
+    pairs = reward.load_pairs(cfg.data or stages.ensure_stage("pairs", cfg))
     pairs = pairs if cfg.twins else [p for p in pairs if not reward.is_twin(p)]
-    sft_path = sft.ensure_stage("sft", cfg) if policy is None or ref is None else None
+    sft_path = stages.ensure_stage("sft", cfg) if policy is None or ref is None else None
     torch.manual_seed(cfg.seed + rank())  # each process its own dropout under torchrun
     policy = load_model(sft_path, device) if policy is None else policy.to(device)
     ref = load_model(sft_path, device) if ref is None else ref.to(device)  # pi_ref: the frozen SFT model
@@ -278,13 +258,26 @@ def train(cfg, policy=None, ref=None):
     last = history[-10:]  # implicit-reward accuracy and margin on the last 10 training batches
     metrics.update({k: sum(h[k] for h in last) / len(last) for k in ("reward_accuracy", "reward_margin")})
     metrics.update({k: v for k, v in history[-1].items() if k.startswith("val_")})  # held-out pairs, final step
-    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-    for p, t, s in list(zip(prompts, texts, sft_texts))[:3]:
-        print(f"--- {p.split('### Instruction:')[-1].split('### Response:')[0].strip()!r}\n"
-              f"dpo ({data.gold_reward(p, t):+.2f}): {t}\nsft ({data.gold_reward(p, s):+.2f}): {s}")
+    stages.report("dpo", metrics, prompts, texts, sft_texts)
     metrics.update(config=asdict(cfg), history=history)
-    sft.save_stage(os.path.join(cfg.out_dir, "dpo"), policy, metrics, step=cfg.steps, built_from=sft.record("dpo", cfg))
+    stages.save_stage(os.path.join(cfg.out_dir, "dpo"), policy, metrics, step=cfg.steps,
+                      built_from=stages.record("dpo", cfg))
     return metrics
+
+
+def check(cfg):
+    """What each field allows: runs.parse_config reports the first (field, ok, allowed) row that fails."""
+    yield from positive(cfg, "beta")  # beta < 0 would reverse every preference
+    yield one_of(cfg, "loss_type", "sigmoid", "ipo")
+    yield interval(cfg, "label_smoothing", "[0, 0.5)")  # eps = 0.5 is a coin flip; above it, labels reversed
+    yield "label_smoothing", cfg.loss_type == "sigmoid" or cfg.label_smoothing == 0, "0 with --loss_type=ipo"
+    yield from files_or_empty(cfg, "data")
+    yield from run_fields(cfg)
+    yield from positive(cfg, "steps", "batch_size", "lr", "eval_every", "eval_prompts", "max_new_tokens")
+    yield from non_negative(cfg, "warmup", "weight_decay", "nll_coef")
+    yield interval(cfg, "val_frac", "[0, 1)")
+    yield stages.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
+    yield stages.fits_sft_model(cfg)
 
 
 def main():

@@ -16,38 +16,22 @@ Without a critic (--advantage=rloo or grpo), G samples per prompt and one advant
   RLOO               A_i = r_i - mean_{j != i} r_j                      (Ahmadian et al. 2024)
   GRPO               A_i = (r_i - mean_j r_j) / std_j r_j               (Shao et al. 2024, DeepSeekMath)
 
-Symbols and shapes: B rollouts per step, P prompt length (left-padded), R response length (right-padded after
-EOS), s_t the prompt plus the first t response tokens, a_t the t-th response token, pi_ref the frozen SFT model.
+Symbols: B rollouts a step, P prompt length (left-padded), R response length (right-padded after EOS), s_t the
+prompt and the first t response tokens, a_t the t-th response token, pi_ref the frozen SFT model.
 
-Choices, and where they come from:
-  - The KL penalty uses the k1 estimator, kl_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t), on the policy's own
-    samples: its expectation is the true KL, and summed over a response it is exactly the log-ratio of the two
-    sequence probabilities, so sum_t kl_t is an unbiased estimate of KL(pi || pi_ref) per sequence and the
-    penalty is a per-token reward the critic can learn. A single kl_t can be negative; the k3 estimator
-    (ratio - 1) - log ratio with ratio = pi_ref/pi is always >= 0 and has lower variance, but is no longer a
-    per-token reward whose sum is the sequence log-ratio (Schulman, "Approximating KL divergence", 2020).
-  - The critic is a separate ScalarHeadModel initialised from the reward model (InstructGPT, section 3.5): a
-    separate network so that the value loss's gradients never disturb the policy's language model, and the
-    reward model's trunk already knows what a good response looks like, so V starts close to the final score.
-  - Advantages are whitened over the real tokens of the whole batch; rewards are not (the RM is already centred
-    on SFT samples by reward.py).
-  - A response that never emits EOS within max_new_tokens gets its score lowered by no_eos_penalty (the
-    lm-human-preference-details / TRL trick), so the policy cannot win by rambling past the end.
-  - Dropout stays off (eval mode throughout), so on the first minibatch the ratio is exactly 1.
-  - No entropy bonus and a constant learning rate, as in lm-human-preferences.
-  - RLOO and GRPO keep the KL in the reward (summed over the response), where GRPO's paper puts a k3 KL term into
-    the loss instead: so all three advantages optimise the same reward - beta * KL, and the frontier compares
-    advantage estimators, not objectives. Their advantages are not whitened again (GRPO's already are, per group).
-  - --reward=gold trains against the gold human itself: an oracle no real lab has, and the line on the frontier
-    that a learned reward model is measured against. A Bradley-Terry reward model learns about g / tau from
-    reward.py's labeller, so the oracle is paid g / tau too (gold_scale): on g's own scale it would pay 1 / tau
-    times the reward model's KL price at one beta, and stay closer to SFT than a perfect reward model would.
-  - Under torchrun each of N processes rolls out its share of the batch (whole groups for rloo and grpo) with a
-    sampling seed of its own, and splits it into n_minibatches; the whitening, the adaptive controller's KL and
-    check_finite see every process's numbers (model.masked_whiten, mean_over_processes), so all decide alike.
+Choices (notebooks/GUIDE.md says more about each):
+  - the KL penalty is the k1 estimator kl_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t) on the policy's own samples:
+    summed over a response it is the sequence log-ratio, an unbiased estimate of KL(pi || pi_ref) that is also a
+    per-token reward the critic can learn (Schulman, "Approximating KL divergence", 2020).
+  - the critic is a separate ScalarHeadModel initialised from the reward model (InstructGPT, section 3.5).
+  - advantages are whitened over the real tokens of the whole batch; rewards are not (reward.py centres the RM).
+  - a response that never emits EOS within max_new_tokens has its score lowered by no_eos_penalty.
+  - dropout off (the first minibatch's ratio is exactly 1), no entropy bonus, a constant lr (lm-human-preferences).
+  - RLOO and GRPO keep the KL in the reward (summed over the response), so all three optimise the same
+    reward - beta * KL and the frontier compares advantage estimators, not objectives.
+  - --reward=gold trains against the gold human itself, paid gold_scale * g: the oracle line on the frontier.
 
 Run:  python ppo.py                  (builds missing earlier stages, then out/ppo/model.pt and metrics.json)
-      python ppo.py --adaptive_kl=false      (InstructGPT's fixed beta, kl_coef, instead of a KL target)
       python ppo.py --advantage=rloo --group_size=4 --out_dir=out_rloo    (no critic; the same for grpo)
       python ppo.py --reward=gold --out_dir=out_gold                     (RL on the gold human itself)
       python ppo.py --init=rejection                 (start from reward.py --stage=rejection's model, as LLaMA-2)
@@ -64,20 +48,15 @@ import torch.nn.functional as F
 import data
 import reward
 import sft
-from model import (autocast, check_finite, data_parallel, interval, load_model, masked_mean, masked_whiten,
-                   mean_over_processes, my_share, non_negative, one_of, one_line_errors, parse_config, pick_device,
-                   positive, rank, run_fields, token_logprobs)
+import stages
+from model import load_model, token_logprobs
+from runs import (all_reduce_sum, autocast, check_finite, data_parallel, mean_over_processes, my_share,
+                  one_line_errors, parse_config, pick_device, rank)
+from stages import StageConfig, interval, non_negative, one_of, positive, run_fields
 
 
 @dataclass
-class Config:
-    out_dir: str = "out"
-    """where the earlier stages' checkpoints are read and out/ppo is written"""
-    preset: str = "auto"
-    """small, medium, or auto (medium when CUDA is available): see sft.PRESETS"""
-    device: str = "auto"
-    """cpu, cuda, mps (Apple's GPU), or auto: CUDA, then MPS, then the CPU"""
-    seed: int = 1337
+class Config(StageConfig):
     steps: int = 40
     """PPO iterations: one rollout batch and its optimisation epochs each"""
     batch_size: int = 64
@@ -89,27 +68,20 @@ class Config:
     max_new_tokens: int = 120
     """longest response; one without EOS by then is penalised"""
     lr: float = 1e-4
-    """policy learning rate (constant); at 3e-5 an update barely moved the policy (approx_kl 7e-5, no clipping)"""
+    """policy learning rate (constant)"""
     critic_lr: float = 1e-4
     """critic learning rate (constant)"""
     max_grad_norm: float = 1.0
     kl_coef: float = 0.3
-    """beta in r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) + score * [t = last]; with adaptive_kl, where
-    beta starts"""
+    """beta in r_t = -beta * kl_t + score * [t = last]; with adaptive_kl, where beta starts"""
     adaptive_kl: bool = True
-    """adapt beta towards target_kl (Ziegler et al. 2019, section 2.2); False keeps beta fixed (InstructGPT). On:
-    how far a fixed beta lets PPO go depends on its reward model, and a reward model that reads the request well
-    took PPO past 3 nats at beta 0.3 (notebooks/RESULTS.md, "How the recipe came to be")"""
+    """adapt beta towards target_kl (Ziegler et al. 2019, section 2.2); False keeps beta fixed (InstructGPT)"""
     target_kl: float = 2.5
     """KL_target: the sequence KL the adaptive controller aims for (nats)"""
     kl_horizon: int = 200
-    """horizon H of the adaptive controller in rollouts: a tenth of this run's 2560 (Ziegler et al. used 10000 over
-    far longer runs), so beta can follow the KL within the run: a step moves it by at most 0.2 * 64 / 200 = 6.4%"""
+    """horizon H of the adaptive controller in rollouts (Ziegler et al. used 10000 over far longer runs)"""
     kl_coef_floor: float = 1.0
-    """the adaptive controller never lowers beta below kl_coef_floor * kl_coef: 1 only raises it, 0 is Ziegler et
-    al.'s controller. A run starts at the SFT model, so its KL is under target at first for that reason alone;
-    free to fall there, beta fell to 0.09 from 0.3 on one seed by step 20, and that seed's KL overshot to 3.8 nats
-    (notebooks/RESULTS.md, how the recipe came to be)"""
+    """the controller never lowers beta below kl_coef_floor * kl_coef: 1 only raises it, 0 is Ziegler et al.'s"""
     gamma: float = 1.0
     """gamma, discount per token"""
     lam: float = 0.95
@@ -133,8 +105,7 @@ class Config:
     reward: str = "model"
     """model: the reward model; gold: the gold human itself (data.gold_reward), an oracle"""
     gold_scale: float = 2.0
-    """--reward=gold pays gold_scale * g: 2 = 1 / reward.py's tau, the scale on which a Bradley-Terry reward model
-    learns g from that labeller, so the oracle is a perfect reward model and pays the same KL price at one beta"""
+    """--reward=gold pays gold_scale * g: 2 = 1 / reward.py's tau, the scale a Bradley-Terry RM learns g on"""
     init: str = "sft"
     """the model PPO starts from: sft, or rejection (LLaMA-2's order: rejection sampling first); pi_ref stays SFT"""
 
@@ -142,35 +113,30 @@ class Config:
 PRESETS = {"small": {}, "medium": dict(steps=60)}  # sft.PRESETS says what they are
 
 
-def check(cfg):
-    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
-    yield from run_fields(cfg)
-    yield from positive(cfg, "steps", "batch_size", "n_epochs", "n_minibatches", "max_new_tokens", "lr", "critic_lr",
-                        "max_grad_norm", "target_kl", "kl_horizon", "cliprange_value", "n_prompts", "eval_prompts",
-                        "gold_scale")
-    yield "n_minibatches", cfg.batch_size % cfg.n_minibatches == 0, f"a divisor of --batch_size={cfg.batch_size}"
-    yield from non_negative(cfg, "kl_coef", "kl_coef_floor", "no_eos_penalty", "sample_every")
-    yield interval(cfg, "gamma", "[0, 1]")
-    yield interval(cfg, "lam", "[0, 1]")
-    yield interval(cfg, "cliprange", "(0, 1)")
-    yield one_of(cfg, "advantage", "gae", "rloo", "grpo")
-    yield one_of(cfg, "reward", "model", "gold")
-    yield one_of(cfg, "init", "sft", "rejection")
-    grouped = cfg.advantage != "gae"  # gae samples one response a prompt: group_size is not used
-    yield "group_size", not grouped or cfg.group_size >= 2, ">= 2: a sample is compared with the others of its prompt"
-    divides = cfg.group_size > 0 and cfg.batch_size % cfg.group_size == 0
-    yield "group_size", not grouped or divides, f"a divisor of --batch_size={cfg.batch_size}"
-    yield sft.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
-    yield sft.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
-    yield sft.fits_sft_model(cfg)
-
-
 # ----------------------------------------------------------------------------- the math, as pure functions
+
+def masked_mean(x, mask):
+    """Mean of x over the positions where mask is 1."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask):
+    """(x - mean) / std over the positions where mask is 1, those of every process under torchrun."""
+    def mean(y):  # masked_mean over every process's positions
+        total, count = all_reduce_sum(torch.stack([(y * mask).sum(), mask.sum()]))
+        return total / count.clamp(min=1)
+    mask = mask.to(x.dtype)
+    mu = mean(x)
+    return (x - mu) * torch.rsqrt(mean((x - mu) ** 2) + 1e-8)
+
 
 def per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     """Ziegler et al. 2019's reward: a KL penalty on every token plus the score on the last real token.
-    scores (B,); logprobs, ref_logprobs, mask (B, R). Returns (rewards, non_score_reward, kl), each (B, R),
-    zero on padding."""
+    scores (B,); logprobs, ref_logprobs, mask (B, R), each row's mask ones then zeros (the response up to its EOS).
+    Returns (rewards, non_score_reward, kl), each (B, R), zero on padding."""
+    if not (mask[:, 1:] <= mask[:, :-1]).all() or not mask[:, 0].all():
+        raise ValueError("per_token_rewards: each row's mask must be ones, then zeros (at least one real token)")
     mask = mask.to(logprobs.dtype)
     # k1 estimator of the per-token KL: kl_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t)
     kl = (logprobs - ref_logprobs) * mask  # (B, R)
@@ -183,9 +149,8 @@ def per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
 
 
 def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
-    rewards, values, mask (B, R); mask is 1 on each row's real tokens (a prefix). The episode ends after the last
-    real token: nothing is bootstrapped past it. Returns (advantages, returns), each (B, R), zero on padding."""
+    """Generalised advantage estimation (Schulman et al. 2016): rewards, values, mask (B, R), the episode ending
+    after each row's last real token. Returns (advantages, returns), each (B, R), zero on padding."""
     mask = mask.to(values.dtype)
     rewards, values = rewards * mask, values * mask  # past the end: no reward, V = 0
     advantages = torch.zeros_like(values)  # (B, R)
@@ -228,13 +193,16 @@ def value_loss(values, old_values, returns, mask, cliprange_value):
     vf_loss1 = (values - returns) ** 2  # (B, R)
     vf_loss2 = (values_clipped - returns) ** 2
     vf_loss = 0.5 * masked_mean(torch.max(vf_loss1, vf_loss2), mask)
-    vf_clipfrac = masked_mean((vf_loss2 > vf_loss1).float(), mask).detach()
+    # clipped where |V - V_old| > eps_v and the clipped loss is the larger (V_clipped equals V elsewhere, up to a
+    # rounding error that must not count)
+    clipped = ((values - old_values).abs() > cliprange_value) & (vf_loss2 > vf_loss1)
+    vf_clipfrac = masked_mean(clipped.float(), mask).detach()
     return vf_loss, vf_clipfrac
 
 
 def group_advantages(seq_rewards, group_size, kind):
-    """One advantage per sample, from the other samples of its prompt: no critic. seq_rewards (B,), rows in groups
-    of G = group_size consecutive samples of one prompt. kind: "rloo" or "grpo". Returns (B,)."""
+    """One advantage per sample from the other samples of its prompt, no critic: seq_rewards (B,) in groups of
+    group_size consecutive rows; kind "rloo" or "grpo". Returns (B,)."""
     r = seq_rewards.view(-1, group_size)  # (B/G, G)
     if kind == "rloo":
         # A_i = r_i - mean_{j != i} r_j, with mean_{j != i} r_j = (sum_j r_j - r_i) / (G - 1)
@@ -245,8 +213,8 @@ def group_advantages(seq_rewards, group_size, kind):
 
 
 def update_kl_coef(kl_coef, kl, target, n_steps, horizon, floor=0.0):
-    """Ziegler et al. 2019's adaptive controller: raise beta when the KL is above target, lower it when below, never
-    below floor. kl: the measured mean sequence KL; n_steps: rollouts since the last update."""
+    """Ziegler et al. 2019's adaptive controller: beta up when the mean sequence KL is above target, down (to at
+    least floor) when below; n_steps: rollouts since the last update."""
     # e = clip((KL - KL_target) / KL_target, -0.2, 0.2);  beta <- max(beta * (1 + e * n / H), floor)
     proportional_error = min(max((kl - target) / target, -0.2), 0.2)
     return max(kl_coef * (1 + proportional_error * n_steps / horizon), floor)
@@ -280,8 +248,7 @@ def rollout(policy, ref, critic, reward_fn, prompt_ids, max_new_tokens, kl_coef,
     prompt_ids: list of 1-d token tensors. Returns a dict of tensors; (B, ...) rows, R response columns."""
     eot = data.special(data.EOT)
     # 1. sample responses from the policy (left-padded prompts, KV cache; rows stop at EOS, padded with EOS)
-    query, query_mask = data.pad_left(prompt_ids, eot)  # (B, P)
-    query, query_mask = query.to(device), query_mask.to(device)
+    query, query_mask = (t.to(device) for t in data.pad_left(prompt_ids, eot))  # (B, P)
     P = query.size(1)
     with autocast(device):
         ids = policy.generate(query, max_new_tokens, eos_token_id=eot, attention_mask=query_mask)  # (B, P+R)
@@ -313,15 +280,13 @@ def response_texts(batch):
 
 
 def rm_reward_fn(rm):
-    """The reward model as a reward_fn(ids, attention_mask, P) -> (B,): its score of each response, which starts
-    at column P (reward.rm_scores)."""
+    """The reward model as a reward_fn(ids, attention_mask, P) -> (B,) (reward.rm_scores; responses start at P)."""
     return lambda ids, attention_mask, P: reward.rm_scores(rm, ids, attention_mask, P)
 
 
 def gold_reward_fn(ids, attention_mask, P):
     """The gold human as a reward_fn: data.gold_reward of each row's prompt and response text, EOS left out."""
-    eot = data.special(data.EOT)
-    scores = []
+    eot, scores = data.special(data.EOT), []
     for row, real in zip(ids.tolist(), attention_mask.tolist()):
         prompt = [t for t, m in zip(row[:P], real[:P]) if m]
         response = [t for t, m in zip(row[P:], real[P:]) if m and t != eot]
@@ -343,8 +308,7 @@ def ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen):
         # 6'. one advantage per sample against the others of its prompt, on each of its tokens
         seq_advantages = group_advantages(batch["rewards"].sum(1), cfg.group_size, cfg.advantage)  # (B,)
         advantages = seq_advantages[:, None] * mask  # (B, R)
-    B, P = mask.size(0), batch["P"]
-    mb_size = B // cfg.n_minibatches
+    B, P, mb_size = mask.size(0), batch["P"], mask.size(0) // cfg.n_minibatches
     stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy")}
     for epoch in range(cfg.n_epochs):
         perm = torch.randperm(B, generator=gen).to(device)
@@ -357,7 +321,7 @@ def ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen):
             new_logprobs = token_logprobs(logits, batch["response"][mb_inds])  # (mb, R)
             pg_loss, approx_kl, clipfrac = policy_loss(new_logprobs, batch["logprobs"][mb_inds],
                                                        advantages[mb_inds], mb_mask, cfg.cliprange)
-            sft.optimizer_step(policy, policy_opt, pg_loss, cfg.lr, cfg.max_grad_norm)
+            stages.optimizer_step(policy, policy_opt, pg_loss, cfg.lr, cfg.max_grad_norm)
             with torch.no_grad():
                 entropy = masked_mean(entropy_from_logits(logits), mb_mask)
             for k, v in dict(pg_loss=pg_loss, approx_kl=approx_kl, clipfrac=clipfrac, entropy=entropy).items():
@@ -369,7 +333,7 @@ def ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen):
                 new_values = critic(mb_ids, mb_attn)[:, P - 1:-1].float()  # (mb, R)
             vf_loss, vf_clipfrac = value_loss(new_values, batch["values"][mb_inds], returns[mb_inds], mb_mask,
                                               cfg.cliprange_value)
-            sft.optimizer_step(critic, critic_opt, vf_loss, cfg.critic_lr, cfg.max_grad_norm)
+            stages.optimizer_step(critic, critic_opt, vf_loss, cfg.critic_lr, cfg.max_grad_norm)
             stats["vf_loss"].append(vf_loss.item())
             stats["vf_clipfrac"].append(vf_clipfrac.item())
     out = {k: sum(v) / len(v) for k, v in stats.items() if v}
@@ -379,36 +343,33 @@ def ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen):
 
 
 def start_models(cfg, device, policy=None, ref=None, critic=None, reward_fn=None):
-    """What PPO starts from, as cfg asks (--init, --advantage, --reward): the policy, pi_ref (the SFT model), the
-    critic (the reward model; None for rloo and grpo) and the reward function. The ones not passed in are loaded
-    from cfg.out_dir, building the earlier stages first if needed."""
+    """What PPO starts from (--init, --advantage, --reward): the policy, pi_ref (SFT), the critic (the reward model;
+    None for rloo and grpo) and the reward function; the ones not passed in are loaded, or built first."""
     needs_critic = cfg.advantage == "gae"
     if cfg.reward == "gold" and reward_fn is None:
         reward_fn = lambda ids, attention_mask, P: cfg.gold_scale * gold_reward_fn(ids, attention_mask, P)  # noqa: E731
     if None in (policy, ref, reward_fn) or (needs_critic and critic is None):
-        rm_path = sft.ensure_stage("reward", cfg)  # also builds out/sft
-        sft_path = sft.ensure_stage("sft", cfg)
-        policy = load_model(sft.ensure_stage(cfg.init, cfg), device) if policy is None else policy
+        rm_path = stages.ensure_stage("reward", cfg)  # also builds out/sft
+        sft_path = stages.ensure_stage("sft", cfg)
+        policy = load_model(stages.ensure_stage(cfg.init, cfg), device) if policy is None else policy
         ref = load_model(sft_path, device) if ref is None else ref
         if needs_critic and critic is None:
             critic = load_model(rm_path, device)  # the critic starts as the RM
         if reward_fn is None:
             rm = load_model(rm_path, device).requires_grad_(False).eval()
             reward_fn = rm_reward_fn(rm)
-    return policy, ref, critic if needs_critic else None, reward_fn
+    critic = critic.to(device).eval() if needs_critic else None
+    return policy.to(device).eval(), ref.to(device).requires_grad_(False).eval(), critic, reward_fn
 
 
 def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
-    """PPO from the SFT model against the reward model. Any of the four can be passed in instead (tests pass a
-    tiny GPT and a toy reward_fn(ids, attention_mask, P) -> (B,)); missing ones are loaded by start_models.
-    RLOO and GRPO use no critic. Returns the final metrics."""
+    """PPO from the SFT model against the reward model; start_models loads what is not passed in (tests pass a tiny
+    GPT and a toy reward_fn(ids, attention_mask, P) -> (B,)). Returns the final metrics."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed + rank())  # under torchrun each process samples rollouts of its own
-    policy, ref, critic, reward_fn = start_models(cfg, device, policy, ref, critic, reward_fn)
-    policy, ref = policy.to(device).eval(), ref.to(device).requires_grad_(False).eval()
-    critic = None if critic is None else critic.to(device).eval()  # None for rloo and grpo
-    policy_opt = sft.make_optimizer(policy, cfg.lr, 0.0, device)
-    critic_opt = None if critic is None else sft.make_optimizer(critic, cfg.critic_lr, 0.0, device)
+    policy, ref, critic, reward_fn = start_models(cfg, device, policy, ref, critic, reward_fn)  # critic None: rloo
+    policy_opt = stages.make_optimizer(policy, cfg.lr, 0.0, device)
+    critic_opt = None if critic is None else stages.make_optimizer(critic, cfg.critic_lr, 0.0, device)
 
     prompts = sft.train_prompts(cfg.n_prompts, cfg.seed)
     prompt_ids = [torch.tensor(data.encode(p)) for p in prompts]
@@ -430,17 +391,17 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
         stats = ppo_step(policy, critic, policy_opt, critic_opt, batch, cfg, gen)
         check_finite(step, pg_loss=stats["pg_loss"], vf_loss=stats.get("vf_loss", 0.0))
         texts = response_texts(batch)
-        gold = sum(data.gold_reward(prompts[i], t) for i, t in zip(pick, texts)) / len(texts)
-        kl = float(batch["kl"].sum(1).mean())  # mean sequence KL(pi || pi_ref), k1 summed over each response
-        follow = sum(data.follows(prompts[i], t) for i, t in zip(pick, texts)) / len(texts)
-        row = dict(step=step, score=float(batch["raw_scores"].mean()), gold=gold, follow=follow, kl=kl, kl_coef=kl_coef,
+        row = dict(step=step, score=float(batch["raw_scores"].mean()),
+                   gold=sum(data.gold_reward(prompts[i], t) for i, t in zip(pick, texts)) / len(texts),
+                   follow=sum(data.follows(prompts[i], t) for i, t in zip(pick, texts)) / len(texts),
+                   kl=float(batch["kl"].sum(1).mean()), kl_coef=kl_coef,  # kl: k1 summed over each response
                    non_score_reward=float(batch["non_score_reward"].sum(1).mean()),
                    eos_rate=float(batch["ended"].float().mean()), length=float(batch["mask"].sum(1).float().mean()),
                    **stats, ms=int(1000 * (time.time() - t0)))
         # under torchrun the mean over the processes' equal shares: the whole batch's numbers, in every process
         row.update(mean_over_processes({k: v for k, v in row.items() if k not in ("step", "kl_coef", "ms")}))
         history.append(row)
-        sft.log(step, **{k: v for k, v in row.items() if k not in ("step", "non_score_reward", "vf_clipfrac")})
+        stages.log(step, **{k: v for k, v in row.items() if k not in ("step", "non_score_reward", "vf_clipfrac")})
         if cfg.sample_every and step % cfg.sample_every == 0:
             print(f"  sample: {texts[0]!r}")
         if cfg.adaptive_kl:
@@ -448,12 +409,33 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
 
     metrics, texts, _ = sft.compare_with_sft(policy, ref, eval_prompts, cfg.max_new_tokens, device, cfg.seed,
                                              sft_eval=(sft_eval, sft_texts))
-    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-    for p, a, b in list(zip(eval_prompts, sft_texts, texts))[:3]:
-        print(f"--- {p.split('### Instruction:')[-1].split('###')[0].strip()!r}\n  sft: {a}\n  ppo: {b}")
-    sft.save_stage(os.path.join(cfg.out_dir, "ppo"), policy, {**metrics, "config": asdict(cfg), "history": history},
-                   step=cfg.steps, built_from=sft.record("ppo", cfg))
+    stages.report("ppo", metrics, eval_prompts, texts, sft_texts)
+    stages.save_stage(os.path.join(cfg.out_dir, "ppo"), policy, {**metrics, "config": asdict(cfg), "history": history},
+                      step=cfg.steps, built_from=stages.record("ppo", cfg))
     return {**metrics, "history": history}
+
+
+def check(cfg):
+    """What each field allows: runs.parse_config reports the first (field, ok, allowed) row that fails."""
+    yield from run_fields(cfg)
+    yield from positive(cfg, "steps", "batch_size", "n_epochs", "n_minibatches", "max_new_tokens", "lr", "critic_lr",
+                        "max_grad_norm", "target_kl", "kl_horizon", "cliprange_value", "n_prompts", "eval_prompts",
+                        "gold_scale")
+    yield "n_minibatches", cfg.batch_size % cfg.n_minibatches == 0, f"a divisor of --batch_size={cfg.batch_size}"
+    yield from non_negative(cfg, "kl_coef", "kl_coef_floor", "no_eos_penalty", "sample_every")
+    yield interval(cfg, "gamma", "[0, 1]")
+    yield interval(cfg, "lam", "[0, 1]")
+    yield interval(cfg, "cliprange", "(0, 1)")
+    yield one_of(cfg, "advantage", "gae", "rloo", "grpo")
+    yield one_of(cfg, "reward", "model", "gold")
+    yield one_of(cfg, "init", "sft", "rejection")
+    grouped = cfg.advantage != "gae"  # gae samples one response a prompt: group_size is not used
+    yield "group_size", not grouped or cfg.group_size >= 2, ">= 2: a sample is compared with the others of its prompt"
+    divides = cfg.group_size > 0 and cfg.batch_size % cfg.group_size == 0
+    yield "group_size", not grouped or divides, f"a divisor of --batch_size={cfg.batch_size}"
+    yield stages.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
+    yield stages.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
+    yield stages.fits_sft_model(cfg)
 
 
 def main():

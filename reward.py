@@ -11,14 +11,11 @@ Stage 3a: preference data, the reward model, best-of-N, and rejection-sampling f
   best-of-N    y* = argmax_{y_1..y_N ~ pi_sft} r(x, y),   KL(pi_bon || pi_sft) = log N - (N - 1) / N
   rejection    fine-tune pi_sft on best-of-N samples of training prompts (Touvron et al. 2023, LLaMA-2 3.2.3)
 
-The reward model is the SFT model with a scalar head (InstructGPT: the RM starts from the SFT model), and its
-score is the mean of the head over the response's tokens (`readout`; InstructGPT reads the last token alone). The
-pairs are all pairs of k SFT samples per training prompt, and each sample against its retold twin (the same
-story about someone else, or about what was asked: `retold`), labelled by the simulated labeller; they are stored
-as JSONL {"prompt", "chosen", "rejected"}, and dpo.py trains on the same file. The twins are a contrast set:
-without them the reward model ranks stories by mood and ending and does not read the prompt (`prompt_swap`
-measures it). After training, the head's bias is shifted so SFT samples score 0 on average (InstructGPT normalises
-the RM the same way).
+The reward model is the SFT model with a scalar head (InstructGPT: the RM starts from the SFT model). The pairs
+are all pairs of k SFT samples per training prompt, plus each sample against its retold twin (the same story told
+about someone else, or about what was asked: `retold`), labelled by the simulated labeller and stored as JSONL
+{"prompt", "chosen", "rejected"}, which dpo.py trains on too. The twins are a contrast set: without them the reward
+model ranks stories by mood and ending and does not read the prompt (stages.prompt_swap measures it).
 
 Run:  python reward.py                       (builds missing earlier stages; out/reward/)
       python reward.py --stage=best_of_n     (the best-of-N curve on held-out prompts; out/best_of_n/)
@@ -39,23 +36,19 @@ import torch.nn.functional as F
 
 import data
 import sft
-from model import (ScalarHeadModel, atomic_write, autocast, barrier, check_finite, data_parallel, files_or_empty,
-                   interval, load_model, mean_over_processes, my_share, non_negative, on_rank_0, one_line_errors,
-                   one_of, parse_config, pick_device, positive, rank, run_fields, to_device)
+import stages
+from model import ScalarHeadModel, load_model
+from runs import (atomic_write, autocast, barrier, check_finite, data_parallel, load_jsonl, mean_over_processes,
+                  my_share, on_rank_0, one_line_errors, parse_config, pick_device, rank, save_jsonl, to_device)
+from stages import StageConfig, files_or_empty, interval, non_negative, one_of, positive, run_fields
 
 
 @dataclass
-class Config:
+class Config(StageConfig):
     stage: str = "reward"
-    """reward: label pairs and train the reward model; best_of_n: the best-of-N curve (a method of its own, not
-    part of the reward model: python ppo.py does not wait for it); rejection: rejection-sampling fine-tuning"""
+    """reward: label pairs and train the reward model; best_of_n: the best-of-N curve; rejection: LLaMA-2's RS"""
     data: str = ""
     """a JSONL file of {"prompt", "chosen", "rejected"} pairs; empty: sample and label them here"""
-    out_dir: str = "out"
-    preset: str = "auto"
-    """small, medium, or auto (medium when CUDA is available): see sft.PRESETS"""
-    device: str = "auto"
-    seed: int = 1337
     n_prompts: int = 1000
     """training prompts for the preference data"""
     k: int = 4
@@ -69,31 +62,23 @@ class Config:
     grades: bool = True
     """the labeller also says how much better (graded_label), and the loss has LLaMA-2's margin for it"""
     steps: int = 2560
-    """many small steps, as in pretraining: checking a story against its request is learned late (at 160 steps of
-    32 pairs the reward model did not read the prompt at all; at 1280 of 8 it does, on some seeds): two passes"""
+    """many small steps, as in pretraining: checking a story against its request is learned late"""
     twin_steps: int = 640
-    """a curriculum: the first twin_steps train on the twin pairs alone (twins), where only the request decides,
-    so the reward model learns to read it before mood and endings can carry the loss; 0: none"""
+    """a curriculum: the first twin_steps train on the twin pairs alone, where only the request decides; 0: none"""
     batch_size: int = 8
     """pairs per step"""
     lr: float = 1e-3
-    """1e-3 read the request better than 5e-4 on three seeds of the recipe before the curriculum, and better than
-    2e-3 (notebooks/RESULTS.md, the levers before the recipe changed)"""
     weight_decay: float = 0.1
     label_smoothing: float = 0.1
-    """eps in -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), z = r_w - r_l - m: each label trusted 1 - eps, so a
-    pair stops pulling at z = log((1 - eps) / eps). On the seeds' chains 0.1 lifted the worst seed's prompt-swap
-    drop over its bound and most seeds' gap (notebooks/RESULTS.md, how the recipe came to be)"""
+    """eps in -(1 - eps) log sigmoid(z) - eps log sigmoid(-z): each label trusted 1 - eps (notebooks/GUIDE.md)"""
     readout: str = "mean"
-    """mean: r(x, y) is the mean of the head's values over the response's tokens (its EOT included), so every
-    token of the story answers for the preference; last: the value at the last token alone (InstructGPT's). On the
-    seeds' chains the mean lifted the worst seed's reward model, though not every seed's (notebooks/RESULTS.md,
-    how the recipe came to be)"""
+    """mean: r(x, y) is the head's mean over the response's tokens (its EOT included); last: its value at the last
+    token alone (InstructGPT's) (notebooks/GUIDE.md says why the mean)"""
     max_new_tokens: int = 120
     eval_prompts: int = 256
-    """held-out prompts for the RM-gold correlation and the evaluations"""
+    """held-out prompts for centring the RM, its correlation with gold, and rejection sampling's evaluation"""
     bon_prompts: int = 256
-    """held-out prompts for the best-of-N curve: the first of eval_prompts, which SFT, PPO and DPO are scored on"""
+    """held-out prompts for the best-of-N curve (the first of those SFT, PPO and DPO are scored on)"""
     bon_max_n: int = 16
     """best-of-N for N = 1, 2, 4, ..., bon_max_n"""
     rs_prompts: int = 512
@@ -106,25 +91,6 @@ class Config:
 PRESETS = {"small": {}, "medium": dict(n_prompts=1500, steps=3840, rs_steps=150)}  # sft.PRESETS says what they are
 
 
-def check(cfg):
-    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
-    yield one_of(cfg, "stage", "reward", "best_of_n", "rejection")
-    yield one_of(cfg, "readout", "mean", "last")
-    yield interval(cfg, "label_smoothing", "[0, 0.5)")  # at 0.5 a label says nothing
-    yield from files_or_empty(cfg, "data")
-    yield from run_fields(cfg)
-    yield from positive(cfg, "n_prompts", "n_eval_pairs", "tau", "steps", "batch_size", "lr", "max_new_tokens",
-                        "eval_prompts", "bon_prompts", "bon_max_n", "rs_prompts", "rs_n", "rs_steps")
-    yield "k", cfg.k >= 2, ">= 2: a pair needs two samples"
-    yield "bon_max_n", cfg.bon_max_n >= 2, ">= 2: best-of-N compares the SFT sample with at least one more"
-    yield from non_negative(cfg, "weight_decay", "twin_steps")
-    yield sft.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
-    yield sft.enough_prompts(cfg, "rs_prompts", "train", cfg.seed + 4)
-    for field in ("n_eval_pairs", "eval_prompts", "bon_prompts"):  # each drawn by sft.eval_prompts
-        yield sft.enough_prompts(cfg, field, "eval", sft.EVAL_SEED)
-    yield sft.fits_sft_model(cfg)
-
-
 # ----------------------------------------------------------------------------- the labeller and the loss
 
 GRADES = (0.5, 1.5, 3.0)  # |z| below each: negligibly, slightly, clearly better; at or above the last: significantly
@@ -132,34 +98,25 @@ MARGINS = (0.0, 1 / 3, 2 / 3, 1.0)  # LLaMA-2's margin m(grade), their "small" s
 
 
 def graded_label(gold_a, gold_b, tau, rng):
-    """The simulated human, who also says by how much: perceives z = g(a) - g(b) + tau * eps, eps ~ Logistic(0, 1),
-    prefers a when z > 0, so with the Bradley-Terry probability sigmoid((g(a) - g(b)) / tau), and grades |z| as
-    LLaMA-2's annotators grade a preference (GRADES). Returns (a is preferred, the grade's margin m in MARGINS)."""
+    """The simulated human: perceives z = g(a) - g(b) + tau * eps, eps ~ Logistic(0, 1), prefers a when z > 0, and
+    grades |z| as LLaMA-2's annotators grade a preference. Returns (a is preferred, the grade's margin m)."""
     u = rng.random()
     # eps = log((1 - u) / u), Logistic(0, 1) for u ~ U(0, 1); z > 0 exactly when u < sigmoid((g(a) - g(b)) / tau)
     z = gold_a - gold_b + tau * math.log((1 - u) / u) if u > 0 else math.inf
     return z > 0, MARGINS[sum(abs(z) >= g for g in GRADES)]
 
 
-def bt_label(gold_a, gold_b, tau, rng):
-    """The simulated human's preference alone: a with probability sigmoid((g(a) - g(b)) / tau)."""
-    return graded_label(gold_a, gold_b, tau, rng)[0]
-
-
 def preference_loss(chosen_rewards, rejected_rewards, margins=0.0, smoothing=0.0):
-    """Bradley-Terry: mean of -log sigmoid(r_w - r_l - m) over the batch. chosen/rejected_rewards: (B,); margins m:
-    (B,) or a number, 0 for a plain preference (LLaMA-2: larger for "significantly better" than "slightly");
-    smoothing eps: each label trusted 1 - eps."""
+    """Bradley-Terry with LLaMA-2's margin m ((B,) or a number; 0: a plain preference) and label smoothing eps,
+    averaged over the batch; chosen_rewards, rejected_rewards (B,)."""
     z = chosen_rewards - rejected_rewards - margins
     # -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), with logsigmoid for numerical stability
     return -((1 - smoothing) * F.logsigmoid(z) + smoothing * F.logsigmoid(-z)).mean()
 
 
 def rm_scores(rm, ids, attention_mask, response_start):
-    """The reward model's score of each row, as rm.config.readout says: its value at the last real token, or the
-    mean of its values over the response. ids, attention_mask (B, T); response_start: the column of each row's
-    first response token, (B,) or one number for all rows -> (B,). Works for left-padded prompts and right-padded
-    responses alike."""
+    """The score of each row (B,), as rm.config.readout says: the value at the last real token, or the mean over the
+    response. ids, attention_mask (B, T); response_start: each row's first response column, (B,) or a number."""
     values = rm(ids, attention_mask)  # (B, T)
     if rm.config.readout == "last":
         last = attention_mask.size(1) - 1 - attention_mask.long().flip(1).argmax(1)  # (B,) last index where mask is 1
@@ -195,11 +152,9 @@ def score_texts(rm, prompts, responses, device, batch_size=64):
 # ----------------------------------------------------------------------------- preference pairs
 
 def retold(prompt, text, rng):
-    """The same story about someone else, or about what was asked. A story that does everything the prompt asks is
-    retold to do none of it: each requested name, animal and place becomes another of its kind. Any other story is
-    retold to do all of it: every name, animal or place of a requested kind becomes the requested one. So the two
-    texts differ only in which requests they meet, and the gold human never ties them on that (a story with no
-    word of a requested kind keeps that request unmet)."""
+    """The same story about someone else, or about what was asked: a story that does everything the prompt asks is
+    retold to do none of it (each requested word becomes another of its kind), any other story to do all of it
+    (each word of a requested kind becomes the requested one). The two differ only in which requests they meet."""
     meets_all = data.follows(prompt, text)
     for kind in (data.NAMES, data.ANIMALS, data.PLACES):
         for want in [w for w in data.requested(prompt) if w in kind]:
@@ -211,11 +166,9 @@ def retold(prompt, text, rng):
 
 
 def label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k=2, retell=False, grades=False):
-    """k samples per prompt and every one of their k(k-1)/2 pairs labelled by the simulated human (InstructGPT
-    ranks K = 4 to 9 responses per prompt: many comparisons for few samples). With retell, each sample is also
-    compared with its retold twin (retold): up to k more pairs a prompt that only the request decides, as a
-    contrast set does; retell may also be a tuple of such functions (prompt, text, rng) -> twin, each giving each
-    sample a twin. With grades each pair keeps the labeller's margin (graded_label) for LLaMA-2's loss.
+    """k samples per prompt and all k(k-1)/2 pairs of them labelled by the simulated human (InstructGPT ranks K = 4
+    to 9 responses per prompt). With retell, each sample is also compared with its twin (retold; or with each of a
+    tuple of such functions' twins). With grades each pair keeps the labeller's margin (graded_label).
     Returns (pairs, agreement of the labels with the gold order, ties counted half)."""
     makers = (retold,) if retell is True else tuple(retell or ())
     torch.manual_seed(seed)
@@ -236,17 +189,15 @@ def label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k=2, retell=
 
 
 def load_pairs(path):
-    """A user's (or our) preference pairs: JSONL {"prompt", "chosen", "rejected"} and optionally "margin", LLaMA-2's
-    m >= 0 of how much better chosen is (preference_loss); errors name the line."""
-    return data.load_jsonl(path, ("prompt", "chosen", "rejected"), numbers=("margin",))
+    """Preference pairs: JSONL {"prompt", "chosen", "rejected"}, optionally "margin" (m >= 0 of preference_loss)."""
+    return load_jsonl(path, ("prompt", "chosen", "rejected"), numbers=("margin",))
 
 
 def label_training_pairs(cfg):
-    """The training pairs of stage 'pairs': k SFT samples per training prompt (and their retold twins), labelled
-    by the simulated human, written to out/reward/pairs.jsonl with their record beside it. Under torchrun rank 0
-    samples and writes them while the others wait: the same file at any number of processes."""
+    """Stage 'pairs': label_pairs on training prompts, written to out/reward/pairs.jsonl with its record beside it
+    (record first, so pairs without one are never reused). Under torchrun rank 0 alone samples and writes."""
     device = pick_device(cfg.device)
-    sft_path = sft.ensure_stage("sft", cfg)
+    sft_path = stages.ensure_stage("sft", cfg)
     if rank() == 0:
         policy = load_model(sft_path, device)
         prompts = sft.train_prompts(cfg.n_prompts, cfg.seed)
@@ -259,12 +210,10 @@ def label_training_pairs(cfg):
 
 
 def save_pairs(cfg, pairs):
-    """Stage 'pairs' written: its record first (pairs.jsonl.built_from.json), then out/reward/pairs.jsonl, so
-    pairs without a record are never reused."""
-    path = sft.output_path("pairs", cfg.out_dir)
+    path = stages.output_path("pairs", cfg.out_dir)
     with atomic_write(path + ".built_from.json") as f:
-        json.dump(sft.record("pairs", cfg), f, indent=1)
-    data.save_jsonl(path, pairs)
+        json.dump(stages.record("pairs", cfg), f, indent=1)
+    save_jsonl(path, pairs)
 
 
 # ----------------------------------------------------------------------------- training
@@ -281,91 +230,19 @@ def pairwise_accuracy(rm, pairs, device):
     return float((chosen > rejected).float().mean())
 
 
-def expected_accuracy(gold_gaps, chosen_scores, rejected_scores, tau):
-    """The held-out accuracy and the ceiling averaged over the labeller's coin instead of one draw of it.
-    gold_gaps[i] = g(chosen) - g(rejected) of pair i. The labeller prefers the chosen response with p = sigmoid(gap /
-    tau), so a reward model that ranks it first agrees with a fresh label with probability p, and the gold order
-    with max(p, 1 - p). One draw of 512 labels moves both accuracies by points; these do not move.
-    Returns (reward model, ceiling)."""
-    gaps = torch.as_tensor(gold_gaps, dtype=torch.float64)  # (N,)
-    # p_i = P(labeller prefers chosen_i) = sigmoid((g(chosen_i) - g(rejected_i)) / tau)
-    p_chosen = torch.sigmoid(gaps / tau)  # (N,)
-    # E[RM accuracy] = mean_i (p_i if r(chosen_i) > r(rejected_i) else 1 - p_i); E[ceiling] = mean_i max(p_i, 1 - p_i)
-    rm_first = torch.as_tensor(chosen_scores) > torch.as_tensor(rejected_scores)  # (N,) as pairwise_accuracy counts
-    rm = torch.where(rm_first, p_chosen, 1 - p_chosen)  # (N,)
-    return float(rm.mean()), float(torch.maximum(p_chosen, 1 - p_chosen).mean())
-
-
-def accuracy_by_term(pairs, chosen_scores, rejected_scores):
-    """Which gold term decides each pair (its difference is the largest), and on the pairs each term decides, how
-    often the reward model and the labels agree with the gold order. Pairs the gold human ties are left out.
-    Returns {term: {"pairs": n, "rm": agreement, "labels": agreement}}: where a reward model is blind."""
-    rows = {}
-    for p, r_w, r_l in zip(pairs, chosen_scores, rejected_scores):
-        t_w, t_l = data.gold_terms(p["prompt"], p["chosen"]), data.gold_terms(p["prompt"], p["rejected"])
-        diff = {k: t_w[k] - t_l[k] for k in t_w}
-        gap = sum(diff.values())  # g(chosen) - g(rejected): > 0 when the label agrees with the gold order
-        if gap == 0:
-            continue
-        row = rows.setdefault(max(diff, key=lambda k: abs(diff[k])), {"pairs": 0, "rm": 0, "labels": 0})
-        row["pairs"] += 1
-        row["rm"] += (float(r_w) > float(r_l)) == (gap > 0)
-        row["labels"] += gap > 0
-    return {k: {"pairs": v["pairs"], "rm": v["rm"] / v["pairs"], "labels": v["labels"] / v["pairs"]}
-            for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["pairs"])}
-
-
-def other_prompts(prompts):
-    """For each prompt, the next one in the list that asks for none of the same names, animals and places (and so
-    for something else): the prompt a response is scored under in prompt_swap."""
-    out = []
-    for i, p in enumerate(prompts):
-        want = set(data.requested(p))
-        out.append(next(q for q in prompts[i + 1:] + prompts[:i] if not want & set(data.requested(q))))
-    return out
-
-
-def prompt_swap(score_fn, pairs):
-    """Does a scorer read the prompt? Each pair (prompt, a, b) is ordered by the gold human under its own prompt;
-    a scorer score_fn(prompts, responses) -> (N,) is asked to order it under its own prompt and under another that
-    asks for something else (other_prompts). A prompt-blind scorer orders both alike: its agreement does not drop.
-    The gold human's own drop is the most a scorer that reads the prompt as it does can show. Gold ties are skipped.
-    Returns {"right", "swapped", "drop", "gold_swapped", "gold_drop", "pairs"}; agreements count ties half."""
-    gaps = [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in pairs]
-    pairs, gaps = [p for p, g in zip(pairs, gaps) if g != 0], [g for g in gaps if g != 0]
-    prompts = [p["prompt"] for p in pairs]
-    swapped = other_prompts(prompts)
-    # the gold order under the right prompt: +1 if chosen is better, -1 if rejected is
-    gold = torch.tensor([math.copysign(1, g) for g in gaps])  # (N,)
-    a, b = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
-    agree = lambda diff: float((torch.sign(torch.as_tensor(diff, dtype=torch.float64)) * gold + 1).mean() / 2)
-    right = agree(score_fn(prompts, a) - score_fn(prompts, b))
-    other = agree(score_fn(swapped, a) - score_fn(swapped, b))
-    gold_other = agree([data.gold_reward(q, x) - data.gold_reward(q, y) for q, x, y in zip(swapped, a, b)])
-    return {"right": right, "swapped": other, "drop": right - other, "gold_swapped": gold_other,
-            "gold_drop": 1 - gold_other, "pairs": len(pairs)}
-
-
 KINDS = re.compile(rf"\b({'|'.join(data.NAMES + data.ANIMALS + data.PLACES)})\b")  # what a retold twin changes
 
 
 def is_twin(pair):
-    """Do the pair's two responses differ only in their names, animals and places: a sample and its retold twin,
-    which only the request decides? Found by their texts, so a user's file has them too where it has such pairs."""
+    """Do the pair's responses differ only in their names, animals and places (a sample and its retold twin)?"""
     return pair["chosen"] != pair["rejected"] and KINDS.sub("_", pair["chosen"]) == KINDS.sub("_", pair["rejected"])
 
 
-def twins(pairs):
-    """The twin pairs among pairs (is_twin)."""
-    return [p for p in pairs if is_twin(p)]
-
-
 def train_reward_model(rm, pairs, cfg, device):
-    """Bradley-Terry training on pairs, the first cfg.twin_steps on their twins alone (if they have any); returns
-    the per-step history."""
-    optimizer = sft.make_optimizer(rm, cfg.lr, cfg.weight_decay, device)
+    """Bradley-Terry training on pairs, the first cfg.twin_steps on their twins alone; returns the history."""
+    optimizer = stages.make_optimizer(rm, cfg.lr, cfg.weight_decay, device)
     rng = torch.Generator().manual_seed(cfg.seed)
-    contrast, history = twins(pairs), []
+    contrast, history = [p for p in pairs if is_twin(p)], []
     for step in range(cfg.steps):
         t0 = time.time()
         rm.train()
@@ -381,52 +258,53 @@ def train_reward_model(rm, pairs, cfg, device):
         margins = torch.tensor([float(p.get("margin", 0.0)) for p in batch], device=scores.device)  # (B,) 0 if none
         loss = preference_loss(chosen_rewards, rejected_rewards, margins, cfg.label_smoothing)
         check_finite(step, loss=loss)
-        sft.optimizer_step(rm, optimizer, loss, sft.lr_at(step, cfg.steps, cfg.lr, warmup=10))
+        stages.optimizer_step(rm, optimizer, loss, stages.lr_at(step, cfg.steps, cfg.lr, warmup=10))
         acc = float((chosen_rewards > rejected_rewards).float().mean())
         row = mean_over_processes({"loss": loss.item(), "accuracy": acc})  # the global batch's
         history.append({"step": step, **row})
-        sft.log(step, **row, ms=int(1000 * (time.time() - t0)))
+        stages.log(step, **row, ms=int(1000 * (time.time() - t0)))
     return history
-
-
-def pearson(x, y):
-    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-12))
 
 
 @on_rank_0
 def held_out_pairs(policy, cfg, device):
-    """(pairs, ceiling): two fresh SFT samples on each of n_eval_pairs held-out prompts, labelled, and how often the
-    labels agree with the gold order. The same for every reward model trained against this SFT model and seed."""
+    """(pairs, ceiling): two SFT samples on each of n_eval_pairs held-out prompts, labelled, and how often the labels
+    agree with the gold order (the ceiling of any scorer's agreement with the labels)."""
     return label_pairs(policy, sft.eval_prompts(cfg.n_eval_pairs), cfg.tau, cfg.max_new_tokens, device, cfg.seed + 1)
 
 
-def centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device):
-    """Centre the reward model on SFT samples, then measure it against the gold human: held-out accuracy (against
-    the labels and against the labeller's coin), by term, the RM-gold correlation, and the prompt swap."""
-    # centre the RM on SFT samples: r <- r - mean r(SFT samples)
+def centre(rm, policy, cfg, device):
+    """Centre the reward model on the SFT model's samples of eval_prompts held-out prompts, as InstructGPT normalises
+    its reward model: an SFT sample then scores 0 on average. Returns (prompts, samples, their scores before)."""
     torch.manual_seed(cfg.seed + 2)
     prompts = sft.eval_prompts(cfg.eval_prompts)
     texts, *_ = sft.sample(policy, prompts, cfg.max_new_tokens, device=device)
-    scores = score_texts(rm, prompts, texts, device)
+    scores = score_texts(rm, prompts, texts, device)  # (N,)
+    # r(x, y) <- r(x, y) - mean_i r(x_i, y_i),  y_i ~ pi_sft(.|x_i): a shift of the head's bias
     with torch.no_grad():
         rm.head.bias -= scores.mean().to(rm.head.bias.device)
+    return prompts, texts, scores
+
+
+def centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device):
+    """Centre the reward model (centre), then measure it against the gold human: held-out accuracy (against the
+    labels and against the labeller's coin), by term, the RM-gold correlation, and the prompt swap."""
+    prompts, texts, scores = centre(rm, policy, cfg, device)
     gold = [data.gold_reward(p, t) for p, t in zip(prompts, texts)]
     chosen, rejected = pair_scores(rm, eval_pairs, device)
     metrics = {"heldout_accuracy": float((chosen > rejected).float().mean()), "label_ceiling": ceiling,
-               "rm_gold_correlation": pearson(scores, gold)}
+               "rm_gold_correlation": stages.pearson(scores, gold)}
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    metrics["heldout_accuracy_expected"], metrics["label_ceiling_expected"] = expected_accuracy(
+    metrics["heldout_accuracy_expected"], metrics["label_ceiling_expected"] = stages.expected_accuracy(
         [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in eval_pairs],
         chosen, rejected, cfg.tau)
     print(f"  averaged over the labeller's coin: accuracy {metrics['heldout_accuracy_expected']:.3f} | "
           f"ceiling {metrics['label_ceiling_expected']:.3f}")
-    metrics["heldout_by_term"] = accuracy_by_term(eval_pairs, chosen, rejected)
+    metrics["heldout_by_term"] = stages.accuracy_by_term(eval_pairs, chosen, rejected)
     for term, row in metrics["heldout_by_term"].items():
         print(f"  pairs decided by {term:8s} {row['pairs']:4d} | reward model agrees with gold {row['rm']:.3f} | "
               f"labels {row['labels']:.3f}")
-    metrics["prompt_swap"] = prompt_swap(lambda ps, rs: score_texts(rm, ps, rs, device), eval_pairs)
+    metrics["prompt_swap"] = stages.prompt_swap(lambda ps, rs: score_texts(rm, ps, rs, device), eval_pairs)
     print("  under another prompt: reward model agrees with gold {right:.3f} -> {swapped:.3f} (drop {drop:.3f}); "
           "the gold human itself 1 -> {gold_swapped:.3f} (drop {gold_drop:.3f})".format(**metrics["prompt_swap"]))
     return metrics
@@ -435,22 +313,21 @@ def centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device):
 def train(cfg):
     device = pick_device(cfg.device)
     pairs = load_pairs(cfg.data) if cfg.data else None  # a bad file of the user's is reported before any training
-    policy = load_model(sft.ensure_stage("sft", cfg), device)
-    pairs = pairs or load_pairs(sft.ensure_stage("pairs", cfg))
+    policy = load_model(stages.ensure_stage("sft", cfg), device)
+    pairs = pairs or load_pairs(stages.ensure_stage("pairs", cfg))
     eval_pairs, ceiling = held_out_pairs(policy, cfg, device)
     print(f"{len(pairs)} training pairs; held-out labels agree with the gold order {ceiling:.3f} (the ceiling)")
     torch.manual_seed(cfg.seed + rank())  # each process its own dropout under torchrun
     rm = ScalarHeadModel.from_gpt(policy, cfg.readout).to(device)
     history = train_reward_model(rm, pairs, cfg, device)
     metrics = evaluate_reward_model(rm, policy, pairs, eval_pairs, ceiling, cfg, device)
-    sft.save_stage(os.path.join(cfg.out_dir, "reward"), rm, {**metrics, "config": asdict(cfg), "history": history},
-                   step=cfg.steps, built_from=sft.record("reward", cfg))
+    stages.save_stage(os.path.join(cfg.out_dir, "reward"), rm, {**metrics, "config": asdict(cfg), "history": history},
+                      step=cfg.steps, built_from=stages.record("reward", cfg))
     return metrics
 
 
 def training_accuracy(rm, pairs, cfg, device):
-    """The accuracy on a fixed sample of n_eval_pairs training pairs, next to the held-out one: under- or
-    over-fitting."""
+    """The accuracy on n_eval_pairs training pairs, beside the held-out one: under- or over-fitting."""
     sample = random.Random(cfg.seed).sample(pairs, min(len(pairs), cfg.n_eval_pairs))
     accuracy = pairwise_accuracy(rm, sample, device)
     print(f"  accuracy on {len(sample)} training pairs {accuracy:.3f}")
@@ -459,11 +336,9 @@ def training_accuracy(rm, pairs, cfg, device):
 
 @on_rank_0
 def evaluate_reward_model(rm, policy, pairs, eval_pairs, ceiling, cfg, device):
-    """centre_and_evaluate and the accuracy on training pairs. Under torchrun rank 0 alone, while the others wait
-    for its numbers; its reward model is the one centred, and saved."""
-    metrics = centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device)
-    metrics["train_accuracy"] = training_accuracy(rm, pairs, cfg, device)
-    return metrics
+    """centre_and_evaluate and training_accuracy, by rank 0 alone under torchrun: its reward model is saved."""
+    return {**centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device),
+            "train_accuracy": training_accuracy(rm, pairs, cfg, device)}
 
 
 # ----------------------------------------------------------------------------- best-of-N and rejection sampling
@@ -481,54 +356,51 @@ def best_of_n(policy, rm, prompts, n, max_new_tokens, device):
 
 
 def best_of_n_curve(policy, rm, prompts, cfg, device):
-    """Mean gold reward of best-of-N for N = 1, 2, 4, ..., bon_max_n, next to the analytic
-    KL(best-of-N || policy) = log N - (N - 1) / N. Sample 1 of each prompt is the SFT model's evaluation sample
-    (sft.evaluate at seed cfg.seed, as ppo.py and dpo.py draw it), so best-of-1 is the SFT row itself; samples
-    2..bon_max_n are fresh, and best-of-N picks among the first N."""
+    """Mean gold reward of best-of-N for N = 1, 2, 4, ..., bon_max_n, next to its KL to the policy. Sample 1 of each
+    prompt is the SFT model's evaluation sample (sft.evaluate at seed cfg.seed, as ppo.py and dpo.py draw it), so
+    best-of-1 is the SFT row itself; best-of-N picks among the first N."""
     t0 = time.time()
     _, first = sft.evaluate(policy, prompts, cfg.max_new_tokens, device, seed=cfg.seed)
     torch.manual_seed(cfg.seed + 3)
     _, rest, rest_scores = best_of_n(policy, rm, prompts, cfg.bon_max_n - 1, cfg.max_new_tokens, device)
     groups = [[f] + g for f, g in zip(first, rest)]
     scores = torch.cat([score_texts(rm, prompts, first, device)[:, None], rest_scores], 1)  # (P, bon_max_n)
-    curve, n = [], 1
-    while n <= cfg.bon_max_n:
+    curve = []
+    for n in [2 ** i for i in range(int(math.log2(cfg.bon_max_n)) + 1)]:  # 1, 2, 4, ..., at most bon_max_n
         pick = scores[:, :n].argmax(1)  # (P,) best of the first n samples
         best = [g[int(j)] for g, j in zip(groups, pick)]
         gold = [data.gold_reward(p, b) for p, b in zip(prompts, best)]
         rm_best = float(scores[:, :n].max(1).values.mean())
         follow = [data.follows(p, b) for p, b in zip(prompts, best)]
+        # KL(pi_bon || pi) = log N - (N - 1) / N, the analytic value for N samples
         curve.append({"n": n, "gold_reward": sum(gold) / len(gold), "follow_rate": sum(follow) / len(follow),
                       "rm_score": rm_best, "kl": math.log(n) - (n - 1) / n,
                       "win_rate_vs_sft": sft.win_rate(prompts, best, first)})
         print(f"best-of-{n:<3d} | gold {curve[-1]['gold_reward']:+.3f} | follow {curve[-1]['follow_rate']:.3f} | "
               f"rm {rm_best:+.3f} | kl {curve[-1]['kl']:.3f}")
-        n *= 2
     print(f"best-of-N curve in {time.time() - t0:.0f}s")
     return curve
 
 
 def best_of_n_stage(cfg):
-    """Best-of-N as a method of its own: no training, the curve (best_of_n_curve) of the SFT model and the reward
-    model, each built first if missing, on the first bon_prompts held-out prompts -> out/best_of_n/metrics.json.
-    Under torchrun rank 0 samples, and writes."""
+    """Best-of-N as a method of its own, no training: best_of_n_curve on the first bon_prompts held-out prompts ->
+    out/best_of_n/metrics.json (under torchrun rank 0 samples, and writes)."""
     device = pick_device(cfg.device)
-    rm = load_model(sft.ensure_stage("reward", cfg), device)
-    policy = load_model(sft.ensure_stage("sft", cfg), device)
+    rm = load_model(stages.ensure_stage("reward", cfg), device)
+    policy = load_model(stages.ensure_stage("sft", cfg), device)
     metrics = {"best_of_n": best_of_n_curve(policy, rm, sft.eval_prompts(cfg.bon_prompts), cfg, device),
-               "config": asdict(cfg), "built_from": sft.record("best_of_n", cfg)}
+               "config": asdict(cfg), "built_from": stages.record("best_of_n", cfg)}
     if rank() == 0:
-        sft.write_metrics(os.path.join(cfg.out_dir, "best_of_n"), metrics)
+        stages.write_metrics(os.path.join(cfg.out_dir, "best_of_n"), metrics)
     barrier()
     return metrics
 
 
 def rejection_sampling(cfg):
-    """LLaMA-2's rejection sampling: best-of-rs_n SFT samples on training prompts become new SFT data (under
-    torchrun rank 0's samples, the data of one process, which the processes then fine-tune on in shares)."""
+    """LLaMA-2's rejection sampling: best-of-rs_n SFT samples on training prompts become new SFT data."""
     device = pick_device(cfg.device)
-    rm = load_model(sft.ensure_stage("reward", cfg), device)
-    sft_path = sft.ensure_stage("sft", cfg)
+    rm = load_model(stages.ensure_stage("reward", cfg), device)
+    sft_path = stages.ensure_stage("sft", cfg)
     sft_model, policy = load_model(sft_path, device), load_model(sft_path, device)
     tasks = data.tasks("train", cfg.rs_prompts, seed=cfg.seed + 4)
     prompts = [data.alpaca_prompt(i, x) for i, x in tasks]
@@ -538,13 +410,33 @@ def rejection_sampling(cfg):
     examples = data.sft_tensors(demos, policy.config.block_size)
     history = sft.finetune(policy, examples, cfg.rs_steps, cfg.lr, cfg, device, tag="rs")
     eval_prompts = sft.eval_prompts(cfg.eval_prompts)
-    metrics, _, _ = sft.compare_with_sft(policy, sft_model, eval_prompts, cfg.max_new_tokens, device, cfg.seed)
+    metrics, texts, sft_texts = sft.compare_with_sft(policy, sft_model, eval_prompts, cfg.max_new_tokens, device,
+                                                     cfg.seed)
     metrics["train_gold_best_of_n"] = sum(data.gold_reward(p, b) for p, b in zip(prompts, best)) / len(best)
-    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-    sft.save_stage(os.path.join(cfg.out_dir, "rejection"), policy,
-                   {**metrics, "config": asdict(cfg), "history": history}, step=cfg.rs_steps,
-                   built_from=sft.record("rejection", cfg))
+    stages.report("rejection", metrics, eval_prompts, texts, sft_texts)
+    stages.save_stage(os.path.join(cfg.out_dir, "rejection"), policy,
+                      {**metrics, "config": asdict(cfg), "history": history}, step=cfg.rs_steps,
+                      built_from=stages.record("rejection", cfg))
     return metrics
+
+
+def check(cfg):
+    """What each field allows: runs.parse_config reports the first (field, ok, allowed) row that fails."""
+    yield one_of(cfg, "stage", "reward", "best_of_n", "rejection")
+    yield one_of(cfg, "readout", "mean", "last")
+    yield interval(cfg, "label_smoothing", "[0, 0.5)")  # at 0.5 a label says nothing
+    yield from files_or_empty(cfg, "data")
+    yield from run_fields(cfg)
+    yield from positive(cfg, "n_prompts", "n_eval_pairs", "tau", "steps", "batch_size", "lr", "max_new_tokens",
+                        "eval_prompts", "bon_prompts", "bon_max_n", "rs_prompts", "rs_n", "rs_steps")
+    yield "k", cfg.k >= 2, ">= 2: a pair needs two samples"
+    yield "bon_max_n", cfg.bon_max_n >= 2, ">= 2: best-of-N compares the SFT sample with at least one more"
+    yield from non_negative(cfg, "weight_decay", "twin_steps")
+    yield stages.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
+    yield stages.enough_prompts(cfg, "rs_prompts", "train", cfg.seed + 4)
+    for field in ("n_eval_pairs", "eval_prompts", "bon_prompts"):  # each drawn by sft.eval_prompts
+        yield stages.enough_prompts(cfg, field, "eval", sft.EVAL_SEED)
+    yield stages.fits_sft_model(cfg)
 
 
 def main():

@@ -1,7 +1,7 @@
 """
 The lecture notebooks' shared helpers, in one place so that no notebook carries a pasted copy:
 
-  quiet()            runs a training function without its step log: sft.log prints one line per step, which a
+  quiet()            runs a training function without its step log: stages.log prints one line per step, which a
                      stored notebook should not repeat; the notebook prints a short summary instead
   running_mean       the mean of the last k values at each step (also the smoothing of frontier.py's plots)
   plot_curve         a noisy per-step curve on one Axes: the raw values faint, their running mean on top

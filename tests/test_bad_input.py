@@ -19,17 +19,18 @@ import dpo
 import ppo
 import reward
 import sft
-from model import (GPT, CheckpointError, Diverged, GPTConfig, ScalarHeadModel, atomic_write, load_model,
-                   one_line_errors, save_checkpoint)
+import stages
+import runs
+from model import GPT, GPTConfig, ScalarHeadModel, load_model, save_checkpoint
+from runs import CheckpointError, Diverged, atomic_write, one_line_errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "notebooks"))
 import frontier  # noqa: E402
 import seeds  # noqa: E402
 
 torch.set_num_threads(1)
-SCRIPTS = {"sft.py": sft, "reward.py": reward, "ppo.py": ppo, "dpo.py": dpo, "notebooks/frontier.py": frontier,
-           "notebooks/seeds.py": seeds}
+SCRIPTS = {"sft.py": sft, "reward.py": reward, "ppo.py": ppo, "dpo.py": dpo, "notebooks/experiments/frontier.py": frontier,
+           "notebooks/experiments/seeds.py": seeds}
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -66,12 +67,12 @@ BAD_FLAGS = [
     ("dpo.py", ["--beta=-1"], "--beta=-1.0: must be > 0"),
     ("dpo.py", ["--loss_type=ipo", "--label_smoothing=0.1"], "--label_smoothing=0.1: must be 0 with --loss_type=ipo"),
     ("dpo.py", ["--val_frac=1"], "--val_frac=1.0: must be in [0, 1)"),
-    ("notebooks/frontier.py", ["--ppo_betas=0.1,abc"], "--ppo_betas=0.1,abc: must be comma-separated numbers >= 0"),
-    ("notebooks/frontier.py", ["--dpo_betas=0"], "--dpo_betas=0: must be comma-separated numbers > 0"),
-    ("notebooks/frontier.py", ["--steps=-1"], "--steps=-1: must be >= 0"),
-    ("notebooks/frontier.py", ["--overopt_steps=ten"], "--overopt_steps=ten: must be an integer"),
-    ("notebooks/seeds.py", ["--seeds=1,x"], "--seeds=1,x: must be comma-separated integers, at least one"),
-    ("notebooks/seeds.py", ["--threads=-1"], "--threads=-1: must be >= 0"),
+    ("notebooks/experiments/frontier.py", ["--ppo_betas=0.1,abc"], "--ppo_betas=0.1,abc: must be comma-separated numbers >= 0"),
+    ("notebooks/experiments/frontier.py", ["--dpo_betas=0"], "--dpo_betas=0: must be comma-separated numbers > 0"),
+    ("notebooks/experiments/frontier.py", ["--steps=-1"], "--steps=-1: must be >= 0"),
+    ("notebooks/experiments/frontier.py", ["--overopt_steps=ten"], "--overopt_steps=ten: must be an integer"),
+    ("notebooks/experiments/seeds.py", ["--seeds=1,x"], "--seeds=1,x: must be comma-separated integers, at least one"),
+    ("notebooks/experiments/seeds.py", ["--threads=-1"], "--threads=-1: must be >= 0"),
 ]
 
 
@@ -107,7 +108,7 @@ def test_longest_prompt_against_every_prompt_the_world_can_make():
             fill = dict(zip(used, words))
             prompt = data.alpaca_prompt(instruction.format(**fill), input.format(**fill))
             longest = max(longest, len(data.encode(prompt)))
-    assert data.longest_prompt_tokens() == longest
+    assert stages.longest_prompt_tokens() == longest
 
 
 # ----------------------------------------------------------------------------- a diverged run writes nothing
@@ -131,10 +132,10 @@ def test_dpo_stops_when_its_loss_diverges(tmp_path):
     # lr = 1e30: the first AdamW step moves every weight by about 1e30, and the next forward overflows
     pairs = [{"prompt": data.alpaca_prompt(f"Write a story about {n}."), "chosen": f"{n} was happy. The end.",
               "rejected": f"{n} was sad and"} for n in ["Tom", "Lily", "Ben", "Mia"]]
-    data.save_jsonl(str(tmp_path / "pairs.jsonl"), pairs)
+    runs.save_jsonl(str(tmp_path / "pairs.jsonl"), pairs)
     cfg = dpo.Config(data=str(tmp_path / "pairs.jsonl"), out_dir=str(tmp_path), device="cpu", steps=3, batch_size=2,
                      lr=1e30, warmup=0, val_frac=0.0, eval_prompts=2, max_new_tokens=4)
-    sft.save_stage(str(tmp_path / "sft"), tiny_gpt(), {}, step=0, built_from=sft.record("sft", cfg))
+    stages.save_stage(str(tmp_path / "sft"), tiny_gpt(), {}, step=0, built_from=stages.record("sft", cfg))
     with pytest.raises(Diverged, match=r"^step 1: loss is (nan|inf)$"):
         dpo.train(cfg)
     assert sorted(os.listdir(tmp_path)) == ["pairs.jsonl", "sft"]  # the earlier stage is untouched
@@ -212,16 +213,16 @@ def test_atomic_write_interrupted_keeps_the_old_file(tmp_path):
 
 
 def test_ctrl_c_while_a_stage_is_saved_waits_for_both_files(tmp_path, monkeypatch):
-    write_metrics = sft.write_metrics
+    write_metrics = stages.write_metrics
 
     def interrupted_write(out_dir, metrics):  # Ctrl-C arrives between the stage's two files
         write_metrics(out_dir, metrics)
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(sft, "write_metrics", interrupted_write)
+    monkeypatch.setattr(stages, "write_metrics", interrupted_write)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        sft.save_stage(str(tmp_path / "sft"), tiny_gpt(), {"loss": 1.0}, step=3)
+        stages.save_stage(str(tmp_path / "sft"), tiny_gpt(), {"loss": 1.0}, step=3)
     assert sorted(os.listdir(tmp_path / "sft")) == ["metrics.json", "model.pt"]
     assert signal.getsignal(signal.SIGINT) is handler  # restored
 

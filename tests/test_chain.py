@@ -1,6 +1,6 @@
 """
-Each stage records what it was built from (sft.record), and a later stage reuses it only when that is what the run
-asks for (sft.check_reuse): the issue's cases, each with a tiny pretrain -> sft chain.
+Each stage records what it was built from (stages.record), and a later stage reuses it only when that is what the run
+asks for (stages.check_reuse): the issue's cases, each with a tiny pretrain -> sft chain.
 """
 import dataclasses
 import os
@@ -14,6 +14,7 @@ import data
 import ppo
 import reward
 import sft
+import stages
 from model import load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,66 +36,66 @@ def test_a_stage_records_its_settings_its_parent_and_the_world(chain):
     pretrain = load_checkpoint(os.path.join(cfg.out_dir, "pretrain", "model.pt"))["built_from"]
     assert rec["stage"] == "sft" and rec["preset"] == "small" and rec["world"] == data.fingerprint()
     assert rec["settings"]["sft_steps"] == 2 and "eval_prompts" not in rec["settings"]  # what shapes it, only
-    assert rec["parents"] == {"pretrain": sft.record_id(pretrain)} and pretrain["settings"]["n_embd"] == 32
-    assert sft.record("sft", cfg) == rec  # asked again with the same settings: the same record
+    assert rec["parents"] == {"pretrain": stages.record_id(pretrain)} and pretrain["settings"]["n_embd"] == 32
+    assert stages.record("sft", cfg) == rec  # asked again with the same settings: the same record
 
 
 def test_the_same_settings_are_reused_without_work(chain, monkeypatch):
     cfg, _ = chain
     monkeypatch.setattr(sft, "pretrain", lambda cfg: pytest.fail("rebuilt"))
     monkeypatch.setattr(sft, "sft", lambda cfg: pytest.fail("rebuilt"))
-    assert sft.ensure_stage("sft", cfg) == os.path.join(cfg.out_dir, "sft", "model.pt")
+    assert stages.ensure_stage("sft", cfg) == os.path.join(cfg.out_dir, "sft", "model.pt")
 
 
 def test_other_settings_of_the_stage_asked_for_stop_the_run(chain):
     cfg, _ = chain
-    with pytest.raises(sft.StageMismatch, match=r"^stage 'sft': .* was built with sft_steps=2 \(this run: 5\); "
+    with pytest.raises(stages.StageMismatch, match=r"^stage 'sft': .* was built with sft_steps=2 \(this run: 5\); "
                                                 r"delete .*sft/ to rebuild it, or pass --out_dir="):
-        sft.ensure_stage("sft", dataclasses.replace(cfg, sft_steps=5))
+        stages.ensure_stage("sft", dataclasses.replace(cfg, sft_steps=5))
 
 
 def test_another_world_or_preset_stops_the_run(chain, monkeypatch):
     cfg, _ = chain
-    with pytest.raises(sft.StageMismatch, match=r"the small preset \(this run: medium\)"):
-        sft.check_reuse("sft", dataclasses.replace(cfg, preset="medium"))
+    with pytest.raises(stages.StageMismatch, match=r"the small preset \(this run: medium\)"):
+        stages.check_reuse("sft", dataclasses.replace(cfg, preset="medium"))
     monkeypatch.setattr(data, "fingerprint", lambda: "0000beef")
-    with pytest.raises(sft.StageMismatch, match=r"another world or tokenizer"):
-        sft.ensure_stage("sft", cfg)
+    with pytest.raises(stages.StageMismatch, match=r"another world or tokenizer"):
+        stages.ensure_stage("sft", cfg)
 
 
 def test_a_rebuilt_parent_stops_the_run(chain):
     cfg, _ = chain
     sft.pretrain(dataclasses.replace(cfg, stage="pretrain", seed=7))  # out/pretrain rebuilt under out/sft
-    with pytest.raises(sft.StageMismatch, match=r"^stage 'sft': .* was built with another .*pretrain/model.pt "
+    with pytest.raises(stages.StageMismatch, match=r"^stage 'sft': .* was built with another .*pretrain/model.pt "
                                                 r"\(rebuilt or removed since\); seed=1337 \(this run: 7\)"):
-        sft.check_reuse("sft", dataclasses.replace(cfg, seed=7))
-    with pytest.raises(sft.StageMismatch, match=r"another .*pretrain/model.pt \(rebuilt or removed since\)"):
-        sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="small", device="cpu"))
+        stages.check_reuse("sft", dataclasses.replace(cfg, seed=7))
+    with pytest.raises(stages.StageMismatch, match=r"another .*pretrain/model.pt \(rebuilt or removed since\)"):
+        stages.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="small", device="cpu"))
 
 
 def test_a_later_script_reuses_a_stage_built_with_other_settings_and_says_so(chain, capsys):
     # reward.py does not state the SFT settings: it asks for the preset's, and prints how this SFT model differs
     cfg, _ = chain
-    sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="small", device="cpu"))
+    stages.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="small", device="cpu"))
     out = capsys.readouterr().out
     assert "== reusing" in out and "sft_steps=2 (this run: 900)" in out and "n_embd=32 (this run: 128)" in out
 
 
 def test_a_later_script_builds_the_earlier_stages_with_its_own_seed(chain, capsys):
-    # python ppo.py --seed=3 builds (and expects) seed 3's chain, as notebooks/seeds.py does: every stage its --seed
+    # python ppo.py --seed=3 builds (and expects) seed 3's chain, as notebooks/experiments/seeds.py does: every stage its --seed
     later = ppo.Config(out_dir="unused", preset="small", device="cpu", seed=3)
-    assert [sft.stage_config(s, later).seed for s in ("pretrain", "sft", "pairs", "reward")] == [3, 3, 3, 3]
-    assert sft.stage_config("pretrain", later).n_embd == sft.Config().n_embd  # the rest: the preset's defaults
+    assert [stages.stage_config(s, later).seed for s in ("pretrain", "sft", "pairs", "reward")] == [3, 3, 3, 3]
+    assert stages.stage_config("pretrain", later).n_embd == sft.Config().n_embd  # the rest: the preset's defaults
     cfg, _ = chain  # built with seed 1337: a later script of seed 3 says so when it reuses it
-    sft.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="small", device="cpu", seed=3))
+    stages.check_reuse("sft", reward.Config(out_dir=cfg.out_dir, preset="small", device="cpu", seed=3))
     assert "seed=1337 (this run: 3)" in capsys.readouterr().out
 
 
 def test_an_output_without_a_record_is_not_reused(tmp_path):
     (tmp_path / "reward").mkdir()
     (tmp_path / "reward" / "pairs.jsonl").write_text("")
-    with pytest.raises(sft.StageMismatch, match=r"pairs.jsonl has no record of what it was built from"):
-        sft.ensure_stage("pairs", reward.Config(out_dir=str(tmp_path), preset="small", device="cpu"))
+    with pytest.raises(stages.StageMismatch, match=r"pairs.jsonl has no record of what it was built from"):
+        stages.ensure_stage("pairs", reward.Config(out_dir=str(tmp_path), preset="small", device="cpu"))
 
 
 def test_the_issue_example_stops_before_any_work_in_one_line(tmp_path):
@@ -117,8 +118,8 @@ def test_ppo_from_rejection_sampling_records_that_parent_too(chain):
     cfg, _ = chain
     stub = {"stage": "rejection", "settings": {}}  # a stand-in rejection-sampled model: only its record is read
     policy = load_model(os.path.join(cfg.out_dir, "sft", "model.pt"), "cpu")
-    sft.save_stage(os.path.join(cfg.out_dir, "rejection"), policy, {}, step=0, built_from=stub)
-    from_sft = sft.record("ppo", ppo.Config(out_dir=cfg.out_dir, preset="small"))
-    from_rs = sft.record("ppo", ppo.Config(out_dir=cfg.out_dir, preset="small", init="rejection"))
+    stages.save_stage(os.path.join(cfg.out_dir, "rejection"), policy, {}, step=0, built_from=stub)
+    from_sft = stages.record("ppo", ppo.Config(out_dir=cfg.out_dir, preset="small"))
+    from_rs = stages.record("ppo", ppo.Config(out_dir=cfg.out_dir, preset="small", init="rejection"))
     assert "rejection" not in from_sft["parents"] and from_sft["settings"]["init"] == "sft"
-    assert from_rs["parents"]["rejection"] == sft.record_id(stub) and from_rs["settings"]["init"] == "rejection"
+    assert from_rs["parents"]["rejection"] == stages.record_id(stub) and from_rs["settings"]["init"] == "rejection"

@@ -1,11 +1,8 @@
-"""notebooks/checks.py: the InstructGPT claim's checks against hand-worked seeds' rows: each judged on the worst seed
+"""notebooks/experiments/checks.py: the InstructGPT claim's checks against hand-worked seeds' rows: each judged on the worst seed
 (not the mean), on a seed's expectations where it has them, and a recipe change paired seed by seed."""
-import os
-import sys
 
 from test_results import fake_row
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks"))
 import checks  # noqa: E402
 
 

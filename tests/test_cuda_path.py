@@ -15,6 +15,8 @@ import model
 import ppo
 import reward
 import sft
+import stages
+import runs
 from model import load_model
 
 torch.set_num_threads(1)
@@ -35,8 +37,8 @@ def fused_adamw_on_cpu():
 def chain(tmp_path_factory):
     """Every stage, tiny, with the CPU computing as CUDA would: bf16 autocast, fused AdamW where torch has it."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(model.AUTOCAST, "cpu", torch.bfloat16)
-        mp.setitem(model.FUSED, "cpu", fused_adamw_on_cpu())
+        mp.setitem(runs.AUTOCAST, "cpu", torch.bfloat16)
+        mp.setitem(runs.FUSED, "cpu", fused_adamw_on_cpu())
         out = str(tmp_path_factory.mktemp("bf16"))
         sft.sft(sft.Config(out_dir=out, **TINY_SFT))  # pretrain (causal LM) first
         sft.pretrain(sft.Config(out_dir=out, stage="pretrain", objective="mlm", **TINY_SFT))
@@ -56,18 +58,18 @@ def chain(tmp_path_factory):
 def test_autocast_computes_in_bf16_when_asked(monkeypatch):
     gpt = model.GPT(model.GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
     x = torch.randint(64, (2, 8))
-    with model.autocast("cpu"):
+    with runs.autocast("cpu"):
         assert gpt(x)[0].dtype == torch.float32  # the CPU default: full precision
-    monkeypatch.setitem(model.AUTOCAST, "cpu", torch.bfloat16)
-    with model.autocast("cpu"):
+    monkeypatch.setitem(runs.AUTOCAST, "cpu", torch.bfloat16)
+    with runs.autocast("cpu"):
         assert gpt(x)[0].dtype == torch.bfloat16
 
 
 def test_the_optimizer_is_fused_where_asked(monkeypatch):
     if not fused_adamw_on_cpu():
         pytest.skip("this torch has no fused AdamW for CPU tensors")
-    monkeypatch.setitem(model.FUSED, "cpu", True)
-    opt = sft.make_optimizer(torch.nn.Linear(4, 4), 1e-3, 0.1, "cpu")
+    monkeypatch.setitem(runs.FUSED, "cpu", True)
+    opt = stages.make_optimizer(torch.nn.Linear(4, 4), 1e-3, 0.1, "cpu")
     assert opt.defaults["fused"] is True
 
 
@@ -91,17 +93,17 @@ def test_pretraining_with_compile_runs(tmp_path):
 # ----------------------------------------------------------------------------- what a GPU user is told
 
 def test_first_line_names_device_dtype_and_preset(capsys, monkeypatch):
-    monkeypatch.setattr(model, "nvidia_gpu_visible", lambda: False)
-    model.parse_config(ppo.Config, ["--device=cpu", "--steps=3"], ppo.PRESETS, ppo.check)
+    monkeypatch.setattr(runs, "nvidia_gpu_visible", lambda: False)
+    runs.parse_config(ppo.Config, ["--device=cpu", "--steps=3"], ppo.PRESETS, ppo.check)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"device cpu | dtype float32 | preset small | torch {torch.__version__}"
     assert lines[1:] == ["override: device = 'cpu'", "override: steps = 3"]
 
 
 def test_a_gpu_this_torch_cannot_use_is_named_in_one_line(capsys, monkeypatch):
-    monkeypatch.setattr(model, "nvidia_gpu_visible", lambda: True)
+    monkeypatch.setattr(runs, "nvidia_gpu_visible", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    model.parse_config(ppo.Config, ["--device=cpu"], ppo.PRESETS, ppo.check)
+    runs.parse_config(ppo.Config, ["--device=cpu"], ppo.PRESETS, ppo.check)
     err = capsys.readouterr().err
     assert err.startswith("warning: an NVIDIA GPU is visible but torch") and err.count("\n") == 1
 

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 import data
-import model
 import ppo
 import sft
+import stages
+import runs
 from model import GPT, GPTConfig, ScalarHeadModel, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +119,7 @@ def test_a_process_group_of_one_computes_bit_for_bit_what_none_computes(tmp_path
     plain = run_both(tmp_path, "plain")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        assert model.distributed()
+        assert runs.distributed()
         grouped = run_both(tmp_path, "grouped")
     finally:
         dist.destroy_process_group()
@@ -131,15 +132,15 @@ def test_the_global_batch_must_split_into_the_processes(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit, match=r"^error: --batch_size=6: must be a multiple of 4, so that each of the 4 "
                                          r"processes torchrun started takes an equal share$"):
-        with model.data_parallel(sft.Config(batch_size=6), "batch_size"):
+        with runs.data_parallel(sft.Config(batch_size=6), "batch_size"):
             pytest.fail("no work may start")
     cfg = ppo.Config(batch_size=8, n_minibatches=2, advantage="grpo", group_size=4)
     with pytest.raises(SystemExit, match=r"must be a multiple of 16, .* equal share, a multiple of 4$"):
-        with model.data_parallel(cfg, "batch_size", 4):
+        with runs.data_parallel(cfg, "batch_size", 4):
             pytest.fail("no work may start")
     monkeypatch.setenv("RANK", "1")  # the others leave without a word, so rank 0's line is the one printed
     with pytest.raises(SystemExit) as stopped:
-        with model.data_parallel(sft.Config(batch_size=6), "batch_size"):
+        with runs.data_parallel(sft.Config(batch_size=6), "batch_size"):
             pass
     assert stopped.value.code == 0
 
@@ -147,7 +148,7 @@ def test_the_global_batch_must_split_into_the_processes(monkeypatch):
 def test_a_process_other_than_rank_0_prints_nothing(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    model.parse_config(ppo.Config, ["--device=cpu", "--steps=3"], ppo.PRESETS, ppo.check)
+    runs.parse_config(ppo.Config, ["--device=cpu", "--steps=3"], ppo.PRESETS, ppo.check)
     assert capsys.readouterr().out == ""
 
 
@@ -155,14 +156,14 @@ def test_a_process_other_than_rank_0_prints_nothing(monkeypatch, capsys):
 def test_auto_picks_cuda_then_apples_gpu_then_the_cpu(monkeypatch, cuda, mps, picked):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    assert model.pick_device("auto") == picked
-    assert model.device_exists("mps") == mps
-    assert model.AUTOCAST["mps"] is None and model.FUSED["mps"] is False  # MPS runs the CPU's code
-    assert model.to_device(torch.zeros(2), "cpu").device.type == "cpu"
+    assert runs.pick_device("auto") == picked
+    assert stages.device_exists("mps") == mps
+    assert runs.AUTOCAST["mps"] is None and runs.FUSED["mps"] is False  # MPS runs the CPU's code
+    assert runs.to_device(torch.zeros(2), "cpu").device.type == "cpu"
 
 
 def test_under_torchrun_cuda_is_the_gpu_of_the_local_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert model.pick_device("auto") == model.pick_device("cuda") == "cuda:3"
-    assert model.pick_device("cpu") == "cpu"
+    assert runs.pick_device("auto") == runs.pick_device("cuda") == "cuda:3"
+    assert runs.pick_device("cpu") == "cpu"

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import data
 import dpo
-import sft
-from model import GPT, GPTConfig
+import stages
+from model import GPT, GPTConfig, sequence_logps
 
 torch.set_num_threads(1)
 
@@ -97,7 +97,7 @@ def test_sequence_logps_matches_one_at_a_time_loop():
     pairs = toy_pairs()[:3]
     pairs[1]["chosen"] = "Lily the cat went to the park and found a red ball. She was very happy. The end."
     ids, labels = dpo.collate(dpo.pair_tensors(pairs, model.config.block_size), "cpu")  # (6, T)
-    got = sft.sequence_logps(model, ids, labels)  # (6,) chosen 0..2, rejected 3..5
+    got = sequence_logps(model, ids, labels)  # (6,) chosen 0..2, rejected 3..5
     eot = data.special(data.EOT)
     with torch.no_grad():
         for k, key in enumerate(["chosen", "rejected"]):
@@ -117,7 +117,7 @@ def test_gradient_matches_paper_formula_through_the_model():
     # a reference the policy disagrees with by a different amount on each pair, so the weights differ
     ref = dpo.reference_logps(policy, pairs_t, "cpu") + torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [-2.0, 1.0]])
     ids, labels = dpo.collate(pairs_t, "cpu")
-    chosen, rejected = sft.sequence_logps(policy, ids, labels).chunk(2)
+    chosen, rejected = sequence_logps(policy, ids, labels).chunk(2)
     losses, cr, rr = dpo.dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)
     params = [p for p in policy.parameters()]
     grads = torch.autograd.grad(losses.mean(), params, retain_graph=True)
@@ -173,7 +173,7 @@ def test_train_end_to_end_on_tiny_model(tmp_path):
     pairs_path.write_text("".join(json.dumps(p) + "\n" for p in toy_pairs()))
     cfg = dpo.Config(data=str(pairs_path), out_dir=str(tmp_path), preset="small", device="cpu", steps=3,
                      batch_size=2, val_frac=0.34, eval_every=2, eval_prompts=4, max_new_tokens=8)
-    sft.save_stage(str(tmp_path / "sft"), tiny_gpt(), {}, step=0, built_from=sft.record("sft", cfg))
+    stages.save_stage(str(tmp_path / "sft"), tiny_gpt(), {}, step=0, built_from=stages.record("sft", cfg))
     metrics = dpo.train(cfg)
     saved = json.loads((tmp_path / "dpo" / "metrics.json").read_text())
     for key in ["gold_reward", "gold_reward_sft", "follow_rate", "follow_rate_sft", "kl", "win_rate_vs_sft",
@@ -191,7 +191,7 @@ def test_without_twins_trains_on_the_sampled_pairs_alone(tmp_path, capsys):
     pairs_path.write_text("".join(json.dumps(p) + "\n" for p in sampled + [twin] * 6))
     cfg = dpo.Config(data=str(pairs_path), out_dir=str(tmp_path), preset="small", device="cpu", steps=1,
                      batch_size=2, val_frac=0.0, eval_prompts=2, max_new_tokens=4)
-    sft.save_stage(str(tmp_path / "sft"), tiny_gpt(), {}, step=0, built_from=sft.record("sft", cfg))
+    stages.save_stage(str(tmp_path / "sft"), tiny_gpt(), {}, step=0, built_from=stages.record("sft", cfg))
     for twins, n in ((True, 12), (False, 6)):
         dpo.train(dataclasses.replace(cfg, twins=twins))
         assert f"on {n} pairs, 0 held out" in capsys.readouterr().out

@@ -1,10 +1,9 @@
-"""notebooks/online.py and notebooks/rm_size.py, tiny, end to end: the online arm's reward model really learns from
+"""notebooks/experiments/online.py and notebooks/experiments/rm_size.py, tiny, end to end: the online arm's reward model really learns from
 the policy's samples between rounds (its data grows, its weights move), both arms take the same PPO steps in all,
 and each reward-model width is trained from an SFT model of its own width, measured on the policy's held-out pairs."""
 import dataclasses
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -12,9 +11,9 @@ import torch
 import ppo
 import reward
 import sft
+import stages
 from model import load_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks"))
 import online  # noqa: E402
 import rm_size  # noqa: E402
 
@@ -53,7 +52,7 @@ def test_online_rounds_grow_the_reward_models_data(chain, monkeypatch):
     offline, rounds = rows[0], rows[1:]
     assert offline["arm"] == "offline" and offline["steps"] == 6
     assert [r["round"] for r in rounds] == [1, 2, 3] and [r["steps"] for r in rounds] == [2, 4, 6]
-    start = len(reward.load_pairs(sft.output_path("pairs", out)))
+    start = len(reward.load_pairs(stages.output_path("pairs", out)))
     assert [r["pairs"] for r in rounds][0] == start and rounds[1]["pairs"] > start  # round 2's RM saw more pairs
     assert [n for n, _, _ in seen] == [rounds[1]["pairs"], rounds[2]["pairs"]]  # updates between rounds only
     assert all(steps == 2 and moved for _, steps, moved in seen)

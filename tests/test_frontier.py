@@ -1,10 +1,9 @@
-"""notebooks/frontier.py: the frontier plot has one line per method through its points sorted by KL, each point
+"""notebooks/experiments/frontier.py: the frontier plot has one line per method through its points sorted by KL, each point
 labelled with its setting; the over-optimisation plot draws gold and proxy on axes of their own, raw and smoothed;
 the table and the per-method series come from hand-made rows; and a tiny sweep runs end to end (SFT, best-of-N,
 rejection, PPO and DPO runs, the over-optimisation run, every output file)."""
 import json
 import os
-import sys
 from dataclasses import asdict
 
 import matplotlib
@@ -17,10 +16,9 @@ import data  # noqa: E402
 import dpo
 import ppo
 import reward
-import sft
+import stages
 from model import GPT, GPTConfig, ScalarHeadModel
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks"))
 import frontier  # noqa: E402
 import lecture  # noqa: E402
 
@@ -105,20 +103,20 @@ def test_tiny_sweep_end_to_end(tmp_path):
     cfg = frontier.Config(out_dir=str(tmp_path), preset="small", device="cpu", ppo_betas="0.1,1", dpo_betas="0.5",
                           oracle_betas="1", advantages="grpo", overopt_steps=3)
     # the three stages the sweep starts from, each with its record, in the chain's order
-    sft.save_stage(str(tmp_path / "sft"), policy, {}, step=0, built_from=sft.record("sft", cfg))
+    stages.save_stage(str(tmp_path / "sft"), policy, {}, step=0, built_from=stages.record("sft", cfg))
     pairs = [{"prompt": data.alpaca_prompt(f"Write a story about {n}."), "chosen": f"{n} was happy. The end.",
               "rejected": f"{n} was sad and"} for n in ["Tom", "Lily", "Ben", "Mia", "Sam", "Anna"]]
-    reward.save_pairs(sft.stage_config("pairs", cfg), pairs)
-    sft.save_stage(str(tmp_path / "reward"), ScalarHeadModel.from_gpt(policy), {}, step=0,
-                   built_from=sft.record("reward", cfg))
+    reward.save_pairs(stages.stage_config("pairs", cfg), pairs)
+    stages.save_stage(str(tmp_path / "reward"), ScalarHeadModel.from_gpt(policy), {}, step=0,
+                   built_from=stages.record("reward", cfg))
     bon = [{"n": 1, "gold_reward": -1.0, "rm_score": 0.0, "kl": 0.0},
            {"n": 2, "gold_reward": -0.8, "rm_score": 0.3, "kl": 0.193}]
-    bon_cfg = sft.stage_config("best_of_n", cfg)  # best-of-N's curve, as reward.best_of_n_stage writes it: reused
+    bon_cfg = stages.stage_config("best_of_n", cfg)  # best-of-N's curve, as reward.best_of_n_stage writes it: reused
     (tmp_path / "best_of_n").mkdir()
     (tmp_path / "best_of_n" / "metrics.json").write_text(json.dumps(
-        {"best_of_n": bon, "config": asdict(bon_cfg), "built_from": sft.record("best_of_n", bon_cfg)}))
-    sft.save_stage(str(tmp_path / "rejection"), policy, {}, step=0,  # the model rejection -> PPO starts from
-                   built_from=sft.record("rejection", cfg))
+        {"best_of_n": bon, "config": asdict(bon_cfg), "built_from": stages.record("best_of_n", bon_cfg)}))
+    stages.save_stage(str(tmp_path / "rejection"), policy, {}, step=0,  # the model rejection -> PPO starts from
+                   built_from=stages.record("rejection", cfg))
     (tmp_path / "rejection" / "metrics.json").write_text(json.dumps(
         {"gold_reward": -0.7, "kl": 0.4, "win_rate_vs_sft": 0.6, "config": {"rs_n": 8}}))
     ppo_cfg = ppo.Config(device="cpu", steps=2, batch_size=4, n_epochs=1, n_minibatches=2, max_new_tokens=8,

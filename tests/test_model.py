@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from data import pad_left
-from model import (GPT, GPTConfig, ScalarHeadModel, load_checkpoint, load_model, masked_mean, masked_whiten,
-                   save_checkpoint, token_logprobs)
+from model import GPT, GPTConfig, ScalarHeadModel, load_checkpoint, load_model, save_checkpoint, token_logprobs
+from ppo import masked_mean, masked_whiten
 
 V = 64  # vocab of the test models
 
@@ -123,6 +123,43 @@ def test_loss_is_mean_cross_entropy_over_unmasked_targets():
     torch.testing.assert_close(loss, expected)
 
 
+# ----------------------------------------------------------------------------- the two attention paths
+
+def with_attention(model, attention):
+    """The same weights, attention computed the other way (GPTConfig.attention; the blocks read it at each call)."""
+    model.config.attention = attention
+    return model
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@torch.no_grad()
+def test_manual_attention_equals_the_fused_kernel(causal):
+    """softmax(q k^T / sqrt(hs)) v written out equals F.scaled_dot_product_attention: on full rows (SDPA's is_causal
+    kernel), on left-padded rows (an explicit mask), and against the naive per-query loop."""
+    model = tiny_gpt(causal)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(V, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, :2] = mask[2, :4] = False  # left padding
+    fused_full, fused_padded = model(x)[0], model(x, attention_mask=mask)[0]
+    with_attention(model, "manual")
+    torch.testing.assert_close(model(x)[0], fused_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x, attention_mask=mask)[0][mask], fused_padded[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x[:1])[0][0], naive_logits(model, x[0]), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_manual_attention_with_the_kv_cache_equals_recompute_and_the_fused_path():
+    model = tiny_gpt()
+    g = torch.Generator().manual_seed(12)
+    idx, mask = pad_left([torch.randint(V, (n,), generator=g) for n in (3, 6, 4)], 0)
+    fused = model.generate(idx, 10, temperature=0, attention_mask=mask)
+    with_attention(model, "manual")
+    cached = model.generate(idx, 10, temperature=0, attention_mask=mask)
+    assert torch.equal(cached, model.generate(idx, 10, temperature=0, attention_mask=mask, use_cache=False))
+    assert torch.equal(cached, fused)
+
+
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
@@ -156,15 +193,15 @@ def test_rows_stop_at_eos_and_are_padded_after_it():
     model = tiny_gpt()
     idx = torch.randint(V, (3, 4), generator=torch.Generator().manual_seed(6))
     plain = model.generate(idx, 12, temperature=0)  # no EOS: the reference continuation
-    eos, pad = int(plain[0, 4 + 2]), V - 1  # what row 0 says at its third step becomes the EOS token
-    out = model.generate(idx, 12, temperature=0, eos_token_id=eos, pad_token_id=pad)
+    eos = int(plain[0, 4 + 2])  # what row 0 says at its third step becomes the EOS token
+    out = model.generate(idx, 12, temperature=0, eos_token_id=eos)
     assert out.size(0) == 3 and out.size(1) <= 16
     for b in range(3):
         hits = (plain[b, 4:] == eos).nonzero()
-        if len(hits):  # identical up to and including the first EOS, then only padding
+        if len(hits):  # identical up to and including the first EOS, then only padding with EOS
             stop = 4 + int(hits[0]) + 1
             assert torch.equal(out[b, :stop], plain[b, :stop])
-            assert (out[b, stop:] == pad).all()
+            assert (out[b, stop:] == eos).all()
         else:  # never says EOS: unaffected
             assert torch.equal(out[b], plain[b, :out.size(1)])
     # once every row has ended, generation stops early
@@ -190,12 +227,11 @@ def test_masked_mean_and_whiten_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     # the kept values are 1, 2, 4: mean 7/3, population variance ((4/3)^2 + (1/3)^2 + (5/3)^2) / 3 = 14/9
     assert masked_mean(x, mask).item() == pytest.approx(7 / 3)
-    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([1.5, 4.0]))
+    assert masked_mean(x, torch.tensor([[0, 0, 0], [1, 1, 1]])).item() == pytest.approx(54 / 3)  # row 2 alone
     w = masked_whiten(x, mask)
     std = math.sqrt(14 / 9)
     torch.testing.assert_close(w[mask.bool()], torch.tensor([-4 / 3, -1 / 3, 5 / 3]) / std)
-    unshifted = masked_whiten(x, mask, shift_mean=False)  # scaled, but the mean is kept
-    torch.testing.assert_close(unshifted[mask.bool()], torch.tensor([-4 / 3, -1 / 3, 5 / 3]) / std + 7 / 3)
+    assert masked_mean(w, mask).abs().item() < 1e-6 and masked_mean(w ** 2, mask).item() == pytest.approx(1, abs=1e-6)
     assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0  # an empty mask is not a division by zero
 
 
@@ -267,8 +303,8 @@ def test_missing_checkpoint_names_the_path(tmp_path):
 # ----------------------------------------------------------------------------- the CUDA path falls back on CPU
 
 def test_cpu_path_runs_in_fp32_and_cuda_path_in_bf16(monkeypatch):
-    import sft
-    from model import autocast, pick_device, to_device
+    import stages
+    from runs import autocast, pick_device, to_device
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
     x = torch.randint(0, 50, (2, 8))
     with autocast("cpu"):
@@ -278,7 +314,7 @@ def test_cpu_path_runs_in_fp32_and_cuda_path_in_bf16(monkeypatch):
         warnings.simplefilter("ignore")
         assert autocast("cuda").fast_dtype == torch.bfloat16
     assert to_device(x, "cpu") is x  # no pinning, no copy
-    assert not sft.make_optimizer(model, 1e-3, 0.1, "cpu").defaults["fused"]
+    assert not stages.make_optimizer(model, 1e-3, 0.1, "cpu").defaults["fused"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -288,7 +324,7 @@ def test_cpu_path_runs_in_fp32_and_cuda_path_in_bf16(monkeypatch):
 @pytest.mark.parametrize("cuda, preset", [(False, "small"), (True, "medium")])
 def test_auto_preset_follows_cuda(monkeypatch, cuda, preset):
     import sft
-    from model import parse_config
+    from runs import parse_config
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     cfg = parse_config(sft.Config, [], sft.PRESETS)
     assert cfg.preset == preset

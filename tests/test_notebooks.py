@@ -6,7 +6,6 @@ lecture notebooks in step with the code they import."""
 import glob
 import os
 import re
-import sys
 
 import matplotlib
 import nbformat
@@ -16,10 +15,9 @@ matplotlib.use("Agg")  # no window
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "notebooks"))
 import execute  # noqa: E402
 import lecture  # noqa: E402
-import sft  # noqa: E402
+import stages  # noqa: E402
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 EXPECTED = ["01_pretraining", "02_sft", "03_reward_model", "04_ppo", "05_dpo", "06_frontier"]
@@ -48,14 +46,14 @@ def test_notebook_is_stored_executed(path):
     assert nb.nbformat == 4 and nb.nbformat_minor >= 5
     assert os.path.getsize(path) < 1_000_000, "store figures small enough to keep the file under 1 MB"
     cells = code_cells(nb)
-    # executed once, top to bottom, by notebooks/execute.py: counts 1, 2, 3, ... and no error outputs
+    # executed once, top to bottom, by notebooks/experiments/execute.py: counts 1, 2, 3, ... and no error outputs
     assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1))
     outputs = [o for c in cells for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), "a lecture shows at least one figure"
     # stored after the real run: no cell says that a run's metrics.json is missing
     text = "".join(o.get("text", "") for o in outputs)
-    assert "not found: run" not in text, "run the default chain before `python notebooks/execute.py`"
+    assert "not found: run" not in text, "run the default chain before `python notebooks/experiments/execute.py`"
     for cell in cells:
         assert not re.search(r"^\s*[%!]", cell.source, re.M), "plain Python only: no magics or shell escapes"
     assert "sys.path.insert" in cells[0].source  # the repository root, wherever the kernel starts
@@ -63,7 +61,7 @@ def test_notebook_is_stored_executed(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_stored_outputs_hold_no_step_log_and_no_temporary_path(path):
-    # the training functions print one line per step (sft.log) and where they wrote; lecture.quiet() keeps both out
+    # the training functions print one line per step (stages.log) and where they wrote; lecture.quiet() keeps both out
     text = output_text(nbformat.read(path, as_version=4))
     steps = re.findall(r"^step \d{5} \|.*$", text, re.M)
     assert not steps, f"{len(steps)} step-log lines in the stored outputs, the first: {steps[0]!r}"
@@ -108,7 +106,7 @@ def test_notebook_runs_in_a_jupyter_kernel(path):
 
 def test_quiet_keeps_a_training_functions_step_log_and_hands_it_back(capsys):
     with lecture.quiet() as log:
-        sft.log(12, loss=1.5, ms=3)
+        stages.log(12, loss=1.5, ms=3)
         print("the last line")
     assert capsys.readouterr().out == ""  # nothing reached the notebook
     assert log.text == "step 00012 | loss 1.5 | ms 3\nthe last line\n"

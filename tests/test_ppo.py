@@ -6,13 +6,15 @@ import json
 import math
 import os
 
+import pytest
 import torch
 
 import data
 import ppo
 import reward
 import sft
-from model import GPT, GPTConfig, ScalarHeadModel, masked_whiten
+from model import GPT, GPTConfig, ScalarHeadModel
+from ppo import masked_whiten
 
 torch.set_num_threads(1)
 
@@ -111,6 +113,32 @@ def test_value_loss_hand_worked():
     vf_loss, vf_clipfrac = ppo.value_loss(values, old_values, returns, mask, cliprange_value=0.2)
     assert math.isclose(vf_loss.item(), 0.41, abs_tol=1e-6)
     assert math.isclose(vf_clipfrac.item(), 0.5, abs_tol=1e-6)
+
+
+def test_vf_clipfrac_counts_nothing_where_nothing_is_clipped():
+    """V_clipped = V_old + clamp(V - V_old, -eps, eps) can differ from V by a rounding error where nothing is
+    clipped, and the clipped loss then be larger by that error: found by a search over float32 draws, these three
+    positions moved less than eps = 0.2 and count as unclipped. A fourth moved 0.5 (more than eps) towards its
+    return: the clipped loss is the larger, so it is clipped."""
+    values = torch.tensor([[0.0015595387667417526, 0.006308304145932198, -0.00713312765583396, 1.0]])
+    old_values = torch.tensor([[-0.045996733009815216, 0.04712256044149399, 0.10080251842737198, 0.5]])
+    returns = torch.tensor([[-0.3927062749862671, 0.4122350513935089, -3.2492423057556152, 2.0]])
+    rounded = old_values + (values - old_values).clamp(-0.2, 0.2)
+    assert (rounded[:, :3] != values[:, :3]).all()  # the case this test is about: V_clipped != V, nothing clipped
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    _, vf_clipfrac = ppo.value_loss(values, old_values, returns, mask, cliprange_value=0.2)
+    assert vf_clipfrac.item() == 0.25  # the fourth position alone
+    _, vf_clipfrac = ppo.value_loss(values[:, :3], old_values[:, :3], returns[:, :3], mask[:, :3], 0.2)
+    assert vf_clipfrac.item() == 0.0
+
+
+def test_per_token_rewards_refuse_a_mask_that_is_not_a_prefix():
+    scores, logprobs = torch.zeros(2), torch.zeros(2, 3)
+    ok = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    ppo.per_token_rewards(scores, logprobs, logprobs, ok, kl_coef=0.1)
+    for bad in ([[1, 0, 1], [1, 0, 0]], [[0, 1, 1], [1, 0, 0]], [[0, 0, 0], [1, 0, 0]]):  # a hole; left pad; empty
+        with pytest.raises(ValueError, match="ones, then zeros"):
+            ppo.per_token_rewards(scores, logprobs, logprobs, torch.tensor(bad, dtype=torch.bool), kl_coef=0.1)
 
 
 def test_whitening_uses_real_tokens_only():
@@ -228,7 +256,8 @@ def test_the_oracle_is_paid_gold_scale_times_the_gold_reward():
     g = ppo.gold_reward_fn(ids, mask, query.size(1))
     for scale in (2.0, 1.0):  # 2 = 1 / reward.py's tau, the default
         cfg = ppo.Config(reward="gold", gold_scale=scale, device="cpu")
-        *_, reward_fn = ppo.start_models(cfg, "cpu", policy=object(), ref=object(), critic=object())
+        tiny = GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8))
+        *_, reward_fn = ppo.start_models(cfg, "cpu", policy=tiny, ref=tiny, critic=ScalarHeadModel(tiny.config))
         assert torch.allclose(reward_fn(ids, mask, query.size(1)), scale * g)
     assert ppo.Config().gold_scale == 1 / reward.Config().tau
 
@@ -246,7 +275,7 @@ def test_tiny_rloo_and_grpo_raise_a_toy_reward_without_a_critic(tmp_path):
 
 
 def test_group_size_must_divide_the_batch():
-    from model import parse_config
+    from runs import parse_config
     for argv in (["--advantage=rloo", "--group_size=5"], ["--advantage=grpo", "--group_size=1"]):
         try:
             parse_config(ppo.Config, argv, ppo.PRESETS, ppo.check)

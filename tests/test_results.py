@@ -1,14 +1,12 @@
-"""notebooks/results.py: the README's table and notebooks/RESULTS.md are what the script renders from the shipped
+"""notebooks/experiments/results.py: the README's table and notebooks/experiments/RESULTS.md are what the script renders from the shipped
 record of the runs (so a typed or stale number fails here), and the rendering itself against hand-worked cases:
 a cell's mean and range, SFT scored as PPO scores it, the merge of seeds' rows (the checks: test_checks.py)."""
 import json
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "notebooks"))
 import results  # noqa: E402
 
 
@@ -24,7 +22,7 @@ def test_readme_table_is_rendered_from_the_shipped_record(record):
     table = results.readme_table(record, results.optional_record(results.PROCESSES),
                                  results.optional_record(results.CHAIN_TIME))
     assert results.with_table(readme, table) == readme, \
-        "README.md's results table differs from the shipped runs: run python notebooks/results.py"
+        "README.md's results table differs from the shipped runs: run python notebooks/experiments/results.py"
 
 
 def test_results_page_is_rendered_from_the_shipped_record(record):
@@ -32,7 +30,7 @@ def test_results_page_is_rendered_from_the_shipped_record(record):
         assert f.read() == results.results_page(record, results.optional_record(results.LEVERS),
                                                      results.optional_record(results.LEVERS_BEFORE),
                                                      results.optional_record(results.RECIPE_BEFORE)), \
-            "run python notebooks/results.py"
+            "run python notebooks/experiments/results.py"
 
 
 def test_the_record_has_three_seeds_of_every_method(record):

@@ -13,6 +13,8 @@ import torch
 import data
 import reward
 import sft
+import stages
+import runs
 from model import GPT, GPTConfig, ScalarHeadModel, load_model
 
 torch.set_num_threads(1)
@@ -103,7 +105,7 @@ def test_bt_label_rate_matches_sigmoid():
     for tau in (0.25, 0.5, 1.0):
         for diff in (-2.0, -0.5, 0.0, 0.5, 2.0):
             g_b = 1.0
-            rate = sum(reward.bt_label(g_b + diff, g_b, tau, rng) for _ in range(n)) / n
+            rate = sum(reward.graded_label(g_b + diff, g_b, tau, rng)[0] for _ in range(n)) / n
             p = 1 / (1 + math.exp(-diff / tau))
             assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, (tau, diff, rate, p)
 
@@ -125,10 +127,10 @@ def test_graded_label_hand_worked():
     # u = 1 / (1 + e^2): eps = 2, z = g(a) - g(b) + tau * 2 = -1.2 + 1 = -0.2: b preferred, negligibly
     a_wins, margin = reward.graded_label(-1.2, 0.0, 0.5, Draws(1 / (1 + math.exp(2))))
     assert a_wins is False and margin == 0.0
-    # the preference is bt_label's, and the probability sigmoid((g(a) - g(b)) / tau), from the same draw
+    # the preference is graded_label's, and the probability sigmoid((g(a) - g(b)) / tau), from the same draw
     for u in (0.01, 0.3, 0.62, 0.99):
         p = 1 / (1 + math.exp(-1.0 / 0.5))  # g(a) - g(b) = 1
-        assert reward.graded_label(1.0, 0.0, 0.5, Draws(u))[0] == (u < p) == reward.bt_label(1.0, 0.0, 0.5, Draws(u))
+        assert reward.graded_label(1.0, 0.0, 0.5, Draws(u))[0] == (u < p)
 
 
 def test_twins_are_the_pairs_that_differ_only_in_what_was_asked():
@@ -138,7 +140,7 @@ def test_twins_are_the_pairs_that_differ_only_in_what_was_asked():
              {"prompt": prompt, "chosen": story, "rejected": story.replace("park", "beach")},  # a twin
              {"prompt": prompt, "chosen": story, "rejected": story.replace("happy", "sad")},  # mood: not a twin
              {"prompt": prompt, "chosen": story, "rejected": story}]  # the same text: not a pair of two
-    assert reward.twins(pairs) == pairs[:2]
+    assert [p for p in pairs if reward.is_twin(p)] == pairs[:2]
 
 
 def test_the_first_twin_steps_train_on_twins_alone(monkeypatch):
@@ -158,8 +160,8 @@ def test_bt_label_nearly_noiseless_labeller():
     # tau -> 0 is a labeller who always prefers the better response; exp(-d / tau) must not overflow on the way
     rng = random.Random(0)
     for _ in range(20):
-        assert reward.bt_label(1.0, -4.0, 1e-3, rng) is True
-        assert reward.bt_label(-4.0, 1.0, 1e-3, rng) is False
+        assert reward.graded_label(1.0, -4.0, 1e-3, rng)[0] is True
+        assert reward.graded_label(-4.0, 1.0, 1e-3, rng)[0] is False
 
 
 # ----------------------------------------------------------------------------- scores and padding
@@ -356,18 +358,18 @@ def test_prompt_swap_hand_made():
     lily = "Lily the fox lived near the beach. Lily felt very happy. The end."
     tom = "Tom the cat lived near the park. Tom felt very sad. The end."
     pairs = [{"prompt": p1, "chosen": lily, "rejected": tom}, {"prompt": p2, "chosen": tom, "rejected": lily}]
-    assert reward.other_prompts([p1, p2]) == [p2, p1]
+    assert stages.other_prompts([p1, p2]) == [p2, p1]
     # the gold human prefers lily under p1 and tom under p2; swapped, each pair is ordered the other way
     blind = lambda prompts, texts: torch.tensor([float("happy" in t) for t in texts])  # likes happy stories
     reads = lambda prompts, texts: torch.tensor([data.gold_terms(p, t)["follow"] for p, t in zip(prompts, texts)])
-    swap_blind, swap_reads = reward.prompt_swap(blind, pairs), reward.prompt_swap(reads, pairs)
+    swap_blind, swap_reads = stages.prompt_swap(blind, pairs), stages.prompt_swap(reads, pairs)
     assert swap_blind["gold_swapped"] == swap_reads["gold_swapped"] == 0 and swap_blind["gold_drop"] == 1
     # the blind scorer agrees with gold on one pair of two, swapped or not: no drop
     assert (swap_blind["right"], swap_blind["swapped"], swap_blind["drop"]) == (0.5, 0.5, 0.0)
     # the scorer that reads the prompt is right on both and wrong on both once the prompt is swapped
     assert (swap_reads["right"], swap_reads["swapped"], swap_reads["drop"]) == (1.0, 0.0, 1.0)
     # a tie counts half: a constant scorer agrees 0.5 either way
-    flat = reward.prompt_swap(lambda prompts, texts: torch.zeros(len(texts)), pairs)
+    flat = stages.prompt_swap(lambda prompts, texts: torch.zeros(len(texts)), pairs)
     assert (flat["right"], flat["swapped"]) == (0.5, 0.5)
 
 
@@ -375,8 +377,8 @@ def test_pairs_stage_uses_the_reward_config_it_is_given(tmp_path, monkeypatch):
     # `python reward.py --n_prompts=16 --k=3 --tau=0.1` must label 16 prompts at tau 0.1, not the preset's defaults
     cfg = reward.Config(out_dir=str(tmp_path), preset="small", device="cpu", n_prompts=16, k=3, tau=0.1,
                         max_new_tokens=8, seed=5, retell=False, grades=False)
-    sft.save_stage(str(tmp_path / "sft"), GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)),
-                   {}, step=0, built_from=sft.record("sft", cfg))
+    stages.save_stage(str(tmp_path / "sft"), GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)),
+                   {}, step=0, built_from=stages.record("sft", cfg))
     seen = {}
 
     def fake_label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k, retell, grades):
@@ -385,14 +387,15 @@ def test_pairs_stage_uses_the_reward_config_it_is_given(tmp_path, monkeypatch):
         return [{"prompt": p, "chosen": "a", "rejected": "b"} for p in prompts], 1.0
 
     monkeypatch.setattr(reward, "label_pairs", fake_label_pairs)
-    path = sft.ensure_stage("pairs", cfg)
+    path = stages.ensure_stage("pairs", cfg)
     assert seen == dict(n=16, tau=0.1, max_new_tokens=8, seed=5, k=3, retell=False, grades=False)
     assert len(reward.load_pairs(path)) == 16
     # asked again with the same settings, the pairs are reused; with another seed, the run stops before any work
-    assert sft.ensure_stage("pairs", cfg) == path and seen["n"] == 16
+    assert stages.ensure_stage("pairs", cfg) == path and seen["n"] == 16
     seen.clear()
-    with pytest.raises(sft.StageMismatch, match=r"^stage 'pairs': .*pairs.jsonl was built with seed=5 \(this run: 6\)"):
-        sft.ensure_stage("pairs", dataclasses.replace(cfg, seed=6))
+    with pytest.raises(stages.StageMismatch,
+                       match=r"^stage 'pairs': .*pairs.jsonl was built with seed=5 \(this run: 6\)"):
+        stages.ensure_stage("pairs", dataclasses.replace(cfg, seed=6))
     assert seen == {}
 
 
@@ -415,7 +418,7 @@ def test_load_pairs_errors_name_the_line(tmp_path, bad, message):
 
 def test_load_pairs_round_trip(tmp_path):
     pairs = happy_pairs(3, seed=0)
-    data.save_jsonl(str(tmp_path / "pairs.jsonl"), pairs)
+    runs.save_jsonl(str(tmp_path / "pairs.jsonl"), pairs)
     assert reward.load_pairs(str(tmp_path / "pairs.jsonl")) == pairs
 
 
@@ -532,7 +535,7 @@ def test_best_of_n_stage_is_the_curve_of_the_saved_models(reward_run):
     saved = json.loads((out / "best_of_n" / "metrics.json").read_text())
     assert saved["best_of_n"] == metrics["best_of_n"] and [c["n"] for c in saved["best_of_n"]] == [1, 2, 4]
     assert all(0 <= c["follow_rate"] <= 1 for c in saved["best_of_n"])
-    assert saved["built_from"]["parents"] == sft.record("ppo", bcfg)["parents"]  # the models PPO would start from
+    assert saved["built_from"]["parents"] == stages.record("ppo", bcfg)["parents"]  # the models PPO would start from
     # the same curve as best_of_n_curve on the saved SFT and reward models: the stage adds no draws of its own
     curve = reward.best_of_n_curve(load_model(str(out / "sft" / "model.pt")),
                                    load_model(str(out / "reward" / "model.pt")), sft.eval_prompts(cfg.bon_prompts),
@@ -571,7 +574,7 @@ def test_accuracy_by_term_hand_worked():
              {"prompt": prompt, "chosen": story("Tom", "sad"), "rejected": story("Tom", "sad")}]  # a gold tie: skipped
     chosen_scores, rejected_scores = [1.0, 0.0, 1.0, 5.0], [0.0, 1.0, 0.0, 0.0]
     # the RM ranks pair 1 as gold does, and pairs 2 and 3 against it; the labels agree with gold on pairs 1 and 2
-    assert reward.accuracy_by_term(pairs, chosen_scores, rejected_scores) == {
+    assert stages.accuracy_by_term(pairs, chosen_scores, rejected_scores) == {
         "follow": {"pairs": 2, "rm": 0.0, "labels": 0.5}, "mood": {"pairs": 1, "rm": 1.0, "labels": 1.0}}
 
 
@@ -581,7 +584,7 @@ def test_expected_accuracy_hand_worked():
     # -1   0.5  sigmoid(-2) = 0.119203   no                       0.880797                 0.880797
     #  2   0.5  sigmoid(4)  = 0.982014   no                       0.017986                 0.982014
     #  0   0.5  0.5                      yes                      0.5                      0.5
-    rm, ceiling = reward.expected_accuracy([1.0, -1.0, 2.0, 0.0], [1.0, 0.0, 0.0, 3.0], [0.0, 1.0, 1.0, 2.0], 0.5)
+    rm, ceiling = stages.expected_accuracy([1.0, -1.0, 2.0, 0.0], [1.0, 0.0, 0.0, 3.0], [0.0, 1.0, 1.0, 2.0], 0.5)
     assert rm == pytest.approx((0.880797 + 0.880797 + 0.017986 + 0.5) / 4, abs=1e-6)
     assert ceiling == pytest.approx((0.880797 + 0.880797 + 0.982014 + 0.5) / 4, abs=1e-6)
 
@@ -594,10 +597,10 @@ def test_expected_accuracy_is_the_mean_over_fresh_labels():
     tau, draws, rm_hits, gold_hits = 0.5, 2000, 0, 0
     for _ in range(draws):
         for ga, gb, sa, sb in zip(gold_a, gold_b, score_a, score_b):
-            a_chosen = reward.bt_label(ga, gb, tau, rng)
+            a_chosen = reward.graded_label(ga, gb, tau, rng)[0]
             rm_hits += (sa > sb) == a_chosen
             gold_hits += (ga > gb) == a_chosen
     # orient each pair as the labeller would report it for the expectation: chosen = a, so the gap is g(a) - g(b)
-    rm, ceiling = reward.expected_accuracy([a - b for a, b in zip(gold_a, gold_b)], score_a, score_b, tau)
+    rm, ceiling = stages.expected_accuracy([a - b for a, b in zip(gold_a, gold_b)], score_a, score_b, tau)
     n = draws * len(gold_a)  # 80000 labels: the SE of a rate is under 0.002
     assert abs(rm_hits / n - rm) < 0.006 and abs(gold_hits / n - ceiling) < 0.006

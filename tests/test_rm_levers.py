@@ -1,17 +1,14 @@
-"""notebooks/rm_levers.py: the graded labeller against a naive simulation of the labeller it stands for, the
+"""notebooks/experiments/rm_levers.py: the graded labeller against a naive simulation of the labeller it stands for, the
 variants' parsing, and the experiment end to end on a tiny seed chain (the recipe's row is the chain's own reward
 model; a lever's row is trained again, and a second run reuses the first's rows)."""
 import json
 import math
-import os
 import random
-import sys
 
 import data
 import reward
 from test_seeds import TINY, tiny_presets  # noqa: F401  (the fixture)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks"))
 import rm_levers  # noqa: E402
 import seeds  # noqa: E402
 

@@ -1,9 +1,8 @@
-"""notebooks/seeds.py, tiny, end to end: every seed gets a chain of its own (its own pretraining, reward model and
+"""notebooks/experiments/seeds.py, tiny, end to end: every seed gets a chain of its own (its own pretraining, reward model and
 methods), each stage is built with that seed, a second run reuses what the first built, and results.json holds one
 row per seed with every method's numbers."""
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ import reward
 import sft
 from model import load_checkpoint
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks"))
 import results as results_module  # noqa: E402
 import seeds  # noqa: E402
 
@@ -90,6 +88,7 @@ def test_expectations_of_a_copy_of_sft_are_sfts_own(tmp_path):
     # 1/2 by symmetry (each pair of samples is counted both ways round). DPO a far sharper model: a positive KL.
     from model import GPT, GPTConfig
     import data
+    import stages
     torch.manual_seed(0)
     config = GPTConfig(data.tokenizer().n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=32)
     model, other = GPT(config), GPT(config)
@@ -97,7 +96,7 @@ def test_expectations_of_a_copy_of_sft_are_sfts_own(tmp_path):
         for p in other.parameters():
             p.mul_(10)
     for name, m in (("sft", model), ("ppo", model), ("dpo", other)):
-        sft.save_stage(str(tmp_path / name), m, {}, step=0)
+        stages.save_stage(str(tmp_path / name), m, {}, step=0)
     pcfg = ppo.Config(eval_prompts=3, max_new_tokens=8)
     out = seeds.expectations(str(tmp_path), pcfg, n=2, device="cpu")
     assert out["samples"] == 2 and out["ppo"]["kl"] == 0.0

@@ -13,7 +13,10 @@ import torch
 
 import data
 import sft
-from model import GPT, GPTConfig, load_model, parse_config
+import stages
+import runs
+from model import GPT, GPTConfig, load_model
+from runs import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,10 +103,10 @@ def test_win_rate_counts_ties_as_half():
 
 
 def test_lr_schedule_by_hand():
-    assert sft.lr_at(0, 100, 1.0, warmup=10) == pytest.approx(0.1)  # warm-up: (step + 1) / warmup
-    assert sft.lr_at(10, 100, 1.0, warmup=10) == pytest.approx(1.0)  # the peak
-    assert sft.lr_at(55, 100, 1.0, warmup=10) == pytest.approx(0.55)  # half way: lr/10 + 0.9 * 0.5
-    assert sft.lr_at(100, 100, 1.0, warmup=10) == pytest.approx(0.1)  # decayed to lr/10
+    assert stages.lr_at(0, 100, 1.0, warmup=10) == pytest.approx(0.1)  # warm-up: (step + 1) / warmup
+    assert stages.lr_at(10, 100, 1.0, warmup=10) == pytest.approx(1.0)  # the peak
+    assert stages.lr_at(55, 100, 1.0, warmup=10) == pytest.approx(0.55)  # half way: lr/10 + 0.9 * 0.5
+    assert stages.lr_at(100, 100, 1.0, warmup=10) == pytest.approx(0.1)  # decayed to lr/10
 
 
 # ----------------------------------------------------------------------------- the stages, tiny
@@ -153,7 +156,7 @@ def test_sft_end_to_end(tmp_path):
 def test_sft_on_a_user_jsonl(tmp_path):
     cfg = tiny_cfg(tmp_path, sft_steps=1, eval_prompts=2, max_new_tokens=4)
     demos = tmp_path / "demos.jsonl"
-    data.save_jsonl(str(demos), data.sft_examples(8))
+    runs.save_jsonl(str(demos), data.sft_examples(8))
     metrics = sft.sft(dataclasses.replace(cfg, data=str(demos)))
     assert metrics["config"]["data"] == str(demos)
 

@@ -6,7 +6,7 @@ by "--", each a script's name and its flags:
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/torchrun_driver.py \
         sft --stage=pretrain --n_layer=1 ... -- reward --steps=2 ...
 
-The driver joins the process group once, for all the runs (model.data_parallel then joins no other). Two more words
+The driver joins the process group once, for all the runs (runs.data_parallel then joins no other). Two more words
 may come first: `checks` runs the cross-process checks below; `--fail_at_step=K` makes rank 1 raise a ValueError at
 its K-th optimizer step, while rank 0 waits for its gradients.
 """
@@ -18,37 +18,38 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model  # noqa: E402
-import sft  # noqa: E402
+import ppo  # noqa: E402
+import stages  # noqa: E402
+import runs  # noqa: E402
 
 
 def cross_process_checks():
     """What every process must agree on, with 2 gloo processes: whitening over both shares is the whitening of the
     whole batch; a nan in one process stops both; an on_rank_0 function gives everyone rank 0's result."""
-    r = model.rank()
+    r = runs.rank()
     x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))  # the same global batch in both processes
     mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(1)) < 0.7
-    whole = model.masked_whiten(x, mask)  # every process: the whole batch, then the rows of its share
-    assert torch.allclose(model.masked_whiten(model.my_share(x), model.my_share(mask)), model.my_share(whole),
+    whole = ppo.masked_whiten(x, mask)  # every process: the whole batch, then the rows of its share
+    assert torch.allclose(ppo.masked_whiten(runs.my_share(x), runs.my_share(mask)), runs.my_share(whole),
                           atol=1e-6)
     try:
-        model.check_finite(3, loss=float("nan") if r == 1 else 1.0)
+        runs.check_finite(3, loss=float("nan") if r == 1 else 1.0)
         raise AssertionError("rank 0 went on although rank 1 diverged")
-    except model.Diverged as e:
+    except runs.Diverged as e:
         assert str(e) == "step 3: loss is nan", e
 
-    @model.on_rank_0
+    @runs.on_rank_0
     def draw():
-        assert not model.distributed()  # inside, rank 0 is one process on its own
+        assert not runs.distributed()  # inside, rank 0 is one process on its own
         return torch.randn(3).tolist()
     drawn = [None, None]
     dist.all_gather_object(drawn, draw())
     assert drawn[0] == drawn[1]
-    assert model.mean_over_processes({"a": float(r)}) == {"a": 0.5}
+    assert runs.mean_over_processes({"a": float(r)}) == {"a": 0.5}
 
 
 def fail_on_rank_1(at_step):
-    original, calls = sft.optimizer_step, [0]
+    original, calls = stages.optimizer_step, [0]
 
     def failing(*args, **kwargs):
         if calls[0] == at_step:
@@ -56,7 +57,7 @@ def fail_on_rank_1(at_step):
         calls[0] += 1
         return original(*args, **kwargs)
     if os.environ["RANK"] == "1":
-        sft.optimizer_step = failing  # the stages call it through the module, so this reaches them all
+        stages.optimizer_step = failing  # the stages call it through the module, so this reaches them all
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ each notebook reads the real run's out/<stage>/metrics.json (and says which comm
 
 Run:  python ppo.py && python dpo.py && python reward.py --stage=rejection    the default chain, out/
       python reward.py --stage=best_of_n                                    best-of-N's curve, out/best_of_n/
-      python notebooks/execute.py                                           every notebook, stored in place
-      python notebooks/execute.py 06_frontier.ipynb                         one of them
+      python notebooks/experiments/execute.py                                           every notebook, stored in place
+      python notebooks/experiments/execute.py 06_frontier.ipynb                         one of them
 """
 import glob
 import os
@@ -19,7 +19,7 @@ import time
 import nbformat
 from nbclient import NotebookClient
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # notebooks/, where the lectures are
 NOTEBOOKS = sorted(glob.glob(os.path.join(HERE, "*.ipynb")))
 
 

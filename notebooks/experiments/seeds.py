@@ -6,11 +6,11 @@ counts and the chain amplifies them, so a result is reported as the mean and ran
 judged on the worst seed.
 
 Each seed's stages go to out/seeds/<preset>/seed<s>/, as `python ppo.py --seed=<s>` would lay them out there, and
-are reused when they exist and were built the same way (sft.check_reuse), so an interrupted run picks up where it
+are reused when they exist and were built the same way (stages.check_reuse), so an interrupted run picks up where it
 stopped. After every seed, out/seeds/<preset>/results.json holds each seed's final numbers (no per-step histories):
-notebooks/results.py renders the README's table and notebooks/RESULTS.md from it.
+notebooks/experiments/results.py renders the README's table and notebooks/experiments/RESULTS.md from it.
 
-Run:  python notebooks/seeds.py [--seeds=1337,3,4] [--preset=small] [--threads=1]
+Run:  python notebooks/experiments/seeds.py [--seeds=1337,3,4] [--preset=small] [--threads=1]
 """
 import json
 import os
@@ -18,7 +18,8 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),  # the root
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # notebooks/, for lecture.py
 
 import torch  # noqa: E402
 
@@ -27,9 +28,12 @@ import dpo  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
+import stages  # noqa: E402
 from frontier import names, run_experiment, timed_run  # noqa: E402
 from results import cpu_model  # noqa: E402
-from model import atomic_write, load_model, parse_config, pick_device, resolve_preset, run_fields  # noqa: E402
+from model import load_model  # noqa: E402
+from runs import atomic_write, parse_config, pick_device, resolve_preset  # noqa: E402
+from stages import run_fields  # noqa: E402
 
 
 @dataclass
@@ -58,7 +62,7 @@ PRESETS = {"small": {}, "medium": {}}  # the experiment's own fields are the sam
 
 
 def check(cfg):
-    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
+    """What each field allows: runs.parse_config reports the first (field, ok, allowed) row that fails."""
     yield from run_fields(cfg)
     yield "seeds", seed_list(cfg.seeds) is not None, "comma-separated integers, at least one"
     yield "threads", cfg.threads >= 0, ">= 0"
@@ -104,7 +108,7 @@ def expectations(folder, pcfg, n, device):
     model: {"follow_rate", ...}}."""
     prompts = sft.eval_prompts(pcfg.eval_prompts)
     many = [p for p in prompts for _ in range(n)]
-    models = {name: load_model(sft.output_path(name, folder), device) for name in ("sft", "ppo", "dpo")}
+    models = {name: load_model(stages.output_path(name, folder), device) for name in ("sft", "ppo", "dpo")}
     texts, kl = {}, {}
     for name, model in models.items():
         torch.manual_seed(pcfg.seed + 5)  # the same draws for the three models, apart from their own weights
@@ -144,10 +148,10 @@ def run_seed(seed, cfg):
             with atomic_write(times_path) as f:
                 json.dump(seconds, f, indent=1)
 
-    def stage(name, stage_cfg):  # built now (True) or reused as sft.check_reuse allows (False)
+    def stage(name, stage_cfg):  # built now (True) or reused as stages.check_reuse allows (False)
         def build():
-            existed = os.path.exists(sft.output_path(name, folder))
-            sft.ensure_stage(name, stage_cfg)
+            existed = os.path.exists(stages.output_path(name, folder))
+            stages.ensure_stage(name, stage_cfg)
             return not existed
         return build
 
@@ -189,7 +193,7 @@ def run_seed(seed, cfg):
         row["oracle"] = summary(path("oracle", "ppo"))
     if cfg.samples:
         expected_path = os.path.join(folder, "expected.json")
-        built_from = {k: sft.record_id(sft.read_record(sft.output_path(k, folder))) for k in ("sft", "ppo", "dpo")}
+        built_from = {k: stages.record_id(stages.read_record(stages.output_path(k, folder))) for k in ("sft", "ppo", "dpo")}
         old = json.load(open(expected_path)) if os.path.exists(expected_path) else {}
         # of these very models, and with the KL (older ones have none)
         if (old.get("built_from"), old.get("samples"), "kl" in old.get("ppo", {})) != (built_from, cfg.samples, True):

@@ -13,19 +13,23 @@ reward model has seen. The online recipe splits PPO into rounds; after each roun
 Both arms start from the same SFT model, reward model and critic, and take the same number of PPO steps in all;
 each round is evaluated by the gold human on the same held-out prompts (gold reward, KL from SFT, follow rate).
 
-Run:  python notebooks/online.py [--rounds=3] [--steps=42]     -> out/online/results.json and table.md
+Run:  python notebooks/experiments/online.py [--rounds=3] [--steps=42]     -> out/online/results.json and table.md
 """
 import os
 import sys
 from dataclasses import dataclass, replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),  # the root
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # notebooks/, for lecture.py
 
 import frontier  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
-from model import load_model, pick_device, positive, run_fields  # noqa: E402
+import stages  # noqa: E402
+from model import load_model  # noqa: E402
+from runs import pick_device  # noqa: E402
+from stages import positive, run_fields  # noqa: E402
 
 
 @dataclass
@@ -53,11 +57,11 @@ def check(cfg):
 def run_arm(name, rounds, cfg, rcfg, pcfg, device):
     """One arm: `rounds` rounds of PPO, the reward model updated on the policy's samples between them.
     Returns one row per round."""
-    sft_path, rm_path = sft.ensure_stage("sft", rcfg), sft.ensure_stage("reward", rcfg)
+    sft_path, rm_path = stages.ensure_stage("sft", rcfg), stages.ensure_stage("reward", rcfg)
     sft_model = load_model(sft_path, device)
     policy, ref, critic = load_model(sft_path, device), load_model(sft_path, device), load_model(rm_path, device)
     rm = load_model(rm_path, device).requires_grad_(False).eval()
-    pairs = reward.load_pairs(sft.ensure_stage("pairs", rcfg))
+    pairs = reward.load_pairs(stages.ensure_stage("pairs", rcfg))
     eval_pairs, ceiling = reward.held_out_pairs(sft_model, rcfg, device)
     rows = []
     for k in range(rounds):
@@ -95,10 +99,10 @@ def markdown_table(rows):
 
 
 def train(cfg, rcfg=None, pcfg=None):
-    """Both arms. rcfg and pcfg: reward.py's and ppo.py's configs (default: sft.stage_config, their preset's on
+    """Both arms. rcfg and pcfg: reward.py's and ppo.py's configs (default: stages.stage_config, their preset's on
     cfg.out_dir)."""
     device = pick_device(cfg.device)
-    rcfg, pcfg = rcfg or sft.stage_config("reward", cfg), pcfg or sft.stage_config("ppo", cfg)
+    rcfg, pcfg = rcfg or stages.stage_config("reward", cfg), pcfg or stages.stage_config("ppo", cfg)
     rows = run_arm("offline", 1, cfg, rcfg, pcfg, device) + run_arm("online", cfg.rounds, cfg, rcfg, pcfg, device)
     frontier.save_rows(os.path.join(cfg.out_dir, "online"), rows, markdown_table(rows))
     return rows

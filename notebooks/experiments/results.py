@@ -1,24 +1,23 @@
 """
-Every number the README shows, rendered from the runs, never typed. notebooks/seeds.py leaves one results.json per
+Every number the README shows, rendered from the runs, never typed. notebooks/experiments/seeds.py leaves one results.json per
 preset (out/seeds/<preset>/results.json: each seed's final numbers of every stage); this script
 
-  --update   merges them into notebooks/figures/seeds.json, the record shipped with the code (small: no histories);
+  --update   merges them into notebooks/experiments/figures/seeds.json, the record shipped with the code (small: no histories);
              a seed run again replaces its row, and every row names the machine it ran on
-  --time     times `python ppo.py` from nothing cached into notebooks/figures/chain_time.json
+  --time     times `python ppo.py` from nothing cached into notebooks/experiments/figures/chain_time.json
   (always)   renders from that record: the results table between the README's `results` markers, the full record
-             notebooks/RESULTS.md (every seed, every stage, the timings and the checks judged on the worst seed) and
-             the figure notebooks/figures/results.png (gold reward against KL, mean and range over seeds)
+             notebooks/experiments/RESULTS.md (every seed, every stage, the timings and the checks judged on the worst seed) and
+             the figure notebooks/experiments/figures/results.png (gold reward against KL, mean and range over seeds)
 
 tests/test_results.py fails when the README's table or RESULTS.md differ from what this script renders from the
 shipped record, so the front page cannot drift from the runs.
 
-Run:  python notebooks/seeds.py && python notebooks/results.py --update
+Run:  python notebooks/experiments/seeds.py && python notebooks/experiments/results.py --update
 """
 import glob
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,19 +27,19 @@ from checks import change_table, checks_line, checks_table, drop_share, gap
 from rm_levers import BEFORE_NOTE, BEFORE_TITLE, levers_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 RECORD = os.path.join(HERE, "figures", "seeds.json")
 README = os.path.join(ROOT, "README.md")
 PAGE = os.path.join(HERE, "RESULTS.md")
 FIGURE = os.path.join(HERE, "figures", "results.png")
-PROCESSES = os.path.join(HERE, "figures", "processes.json")  # tests/benchmark.py --processes=N writes it
-CHAIN_TIME = os.path.join(HERE, "figures", "chain_time.json")  # python notebooks/results.py --time writes it
-LEVERS = os.path.join(HERE, "figures", "rm_levers.json")  # notebooks/rm_levers.py's results, copied by --update
+PROCESSES = os.path.join(HERE, "figures", "processes.json")  # notebooks/experiments/benchmark.py --processes=N writes it
+CHAIN_TIME = os.path.join(HERE, "figures", "chain_time.json")  # python notebooks/experiments/results.py --time writes it
+LEVERS = os.path.join(HERE, "figures", "rm_levers.json")  # notebooks/experiments/rm_levers.py's results, copied by --update
 # the levers measured on the chains before the reward model took graded labels and the twin curriculum: what
 # decided that recipe (its `recipe` rows are the reward model before it)
 LEVERS_BEFORE = os.path.join(HERE, "figures", "rm_levers_before.json")
 RECIPE_BEFORE = os.path.join(HERE, "figures", "seeds_before.json")  # the small preset's seeds of earlier recipes
-BEGIN, END = "<!-- results: rendered by notebooks/results.py -->", "<!-- /results -->"
+BEGIN, END = "<!-- results: rendered by notebooks/experiments/results.py -->", "<!-- /results -->"
 BON_N = 16  # the best-of-N row of the table
 
 # (key of a seed's row, the method's name in the table)
@@ -160,7 +159,7 @@ def time_chain():
 def readme_table(record, processes=None, chain_time=None):
     """The README's table: each method on the small preset (mean and range over its seeds), the medium preset's
     columns beside them when the record has it, and a line on the seeds, the machine and the time; with processes
-    (tests/benchmark.py --processes's record), a line on N processes against one."""
+    (notebooks/experiments/benchmark.py --processes's record), a line on N processes against one."""
     presets = [p for p in ("small", "medium") if record.get(p, {}).get("seeds")]
     head = [f"{name}{', ' + p if len(presets) > 1 else ''}" for p in presets for _, _, name in METRICS]
     lines = [f"| method | {' | '.join(head)} |", "| --- |" + " ---: |" * len(head)]
@@ -171,7 +170,7 @@ def readme_table(record, processes=None, chain_time=None):
     for p in ("small", "medium"):
         rows = record.get(p, {}).get("seeds", [])
         if not rows:
-            lines.append(f"The {p} preset has no seed in this record yet: `python notebooks/seeds.py --preset={p}` "
+            lines.append(f"The {p} preset has no seed in this record yet: `python notebooks/experiments/seeds.py --preset={p}` "
                          f"adds its columns.")
             continue
         others = [(key, name) for key, name in (("best_of_n", "best-of-N"), ("dpo", "DPO"), ("rejection",
@@ -191,11 +190,11 @@ def readme_table(record, processes=None, chain_time=None):
     if chain_time:
         took = "; ".join(f"{r['seconds'] / 60:.1f} minutes on {r['machine']}" for r in chain_time)
         lines.append(f"`python ppo.py` from a fresh start took {took}; nothing else running "
-                     f"(`python notebooks/results.py --time`).")
+                     f"(`python notebooks/experiments/results.py --time`).")
     if processes:
         lines.append(f"{processes['processes']} CPU processes under torchrun pretrain the medium preset's "
                      f"{processes['params']}-parameter model {processes['speedup']:.2f} times as fast as one process "
-                     f"(`python tests/benchmark.py --processes={processes['processes']}`, {processes['machine']}, "
+                     f"(`python notebooks/experiments/benchmark.py --processes={processes['processes']}`, {processes['machine']}, "
                      f"load average {processes['load']} while it ran).")
     return "\n".join(lines)
 
@@ -224,7 +223,7 @@ def change_section(before, record):
     on each one's seeds, next to today's on the same seeds."""
     rows = record["small"]["seeds"]
     out = ["## How the recipe came to be, seed by seed", "",
-           "The checks above on the small preset's chains of earlier recipes (`notebooks/figures/seeds_before.json`) "
+           "The checks above on the small preset's chains of earlier recipes (`notebooks/experiments/figures/seeds_before.json`) "
            f"and on today's ({method_settings(rows)}), seed by seed: each seed is a whole chain of its own each "
            "time, so a seed's two numbers differ by the change and by the chain's chaos, and the worst seed is what "
            "a claim is judged on.", ""]
@@ -235,7 +234,7 @@ def change_section(before, record):
         then = earlier["small"]["seeds"]
         noted = "" if samples(then) == samples(rows) else (
             f" Follow and win rates are expectations over {samples(then)} samples a prompt there and "
-            f"{samples(rows)} today (`notebooks/seeds.py --samples`)"
+            f"{samples(rows)} today (`notebooks/experiments/seeds.py --samples`)"
             + (f"; KLs one draw there and over {samples(rows)} today."
                if expected_kls(rows) and not expected_kls(then) else "."))
         out += [f"### {earlier['recipe']} -> today's", "", f"On {machines(then)}.{noted}", "",
@@ -251,12 +250,12 @@ def method_columns(key):
 
 
 def results_page(record, levers=None, before=None, recipe_before=None):
-    """notebooks/RESULTS.md: the full record behind the README's table; with levers (notebooks/rm_levers.py's
+    """notebooks/experiments/RESULTS.md: the full record behind the README's table; with levers (notebooks/experiments/rm_levers.py's
     results), before (the levers on the chains before the recipe changed) and recipe_before (the seeds of earlier
     recipes, RECIPE_BEFORE), a section on each."""
     out = ["# Results, rendered from the runs", "",
-           "Rendered by `python notebooks/results.py` from `notebooks/figures/seeds.json`, which "
-           "`python notebooks/seeds.py` writes (each seed a whole chain of its own: pretraining, SFT, pairs, reward "
+           "Rendered by `python notebooks/experiments/results.py` from `notebooks/experiments/figures/seeds.json`, which "
+           "`python notebooks/experiments/seeds.py` writes (each seed a whole chain of its own: pretraining, SFT, pairs, reward "
            "model, best-of-N, rejection sampling, PPO, PPO on the gold human, DPO). Do not edit by hand: "
            "`tests/test_results.py` fails when this page differs from what the script renders.", ""]
     for preset in ("small", "medium"):
@@ -272,10 +271,10 @@ def results_page(record, levers=None, before=None, recipe_before=None):
             ("SFT gold (128 prompts)", lambda r: r["sft"]["gold_reward"], "+.3f"),
             ("SFT follow rate (256 prompts)", lambda r: r["ppo"]["follow_rate_sft"], ".3f")]), ""]
         out += ["### Stage 3a: the reward model", "",
-                "Expected accuracies average over the labeller's coin (`reward.expected_accuracy`); the gap is the "
+                "Expected accuracies average over the labeller's coin (`stages.expected_accuracy`); the gap is the "
                 "labels' ceiling minus the reward model, in points; the prompt-swap drop is how much the reward "
                 "model's agreement with gold falls when a pair is scored under another request, next to the gold "
-                "human's own drop (`reward.prompt_swap`).", "", per_seed_table(rows, [
+                "human's own drop (`stages.prompt_swap`).", "", per_seed_table(rows, [
                     ("expected accuracy", lambda r: r["reward"]["heldout_accuracy_expected"], ".3f"),
                     ("ceiling", lambda r: r["reward"]["label_ceiling_expected"], ".3f"),
                     ("gap (points)", lambda r: gap(r["reward"]), ".1f"),
@@ -306,7 +305,7 @@ def results_page(record, levers=None, before=None, recipe_before=None):
             what = ("Follow rates, win rates and KLs" if expected_kls([r for r in rows if "expected" in r])
                     else "Follow and win rates")
             out += [f"{what} here are expectations over {n[0]} samples a held-out prompt from each "
-                    f"model (`notebooks/seeds.py --samples`), on {len(n)} of the {len(rows)} seeds"
+                    f"model (`notebooks/experiments/seeds.py --samples`), on {len(n)} of the {len(rows)} seeds"
                     + ("" if len(n) == len(rows) else "; on the others, each stage's one draw") + ".", ""]
     if recipe_before:
         out.append(change_section(recipe_before, record))
@@ -416,14 +415,14 @@ def optional_record(path):
 def main():
     args = sys.argv[1:]
     if args not in ([], ["--update"], ["--time"]):
-        sys.exit("usage: python notebooks/results.py [--update | --time]   (--update: copy out/seeds/*/results.json "
+        sys.exit("usage: python notebooks/experiments/results.py [--update | --time]   (--update: copy out/seeds/*/results.json "
                  "first; --time: time python ppo.py from nothing first)")
     if args == ["--time"]:
         print(f"python ppo.py: {time_chain()['seconds']:.0f} s")
     if args == ["--update"]:
         new = collect(os.path.join(ROOT, "out"))
         if not new:
-            sys.exit("error: no out/seeds/<preset>/results.json; run python notebooks/seeds.py first")
+            sys.exit("error: no out/seeds/<preset>/results.json; run python notebooks/experiments/seeds.py first")
         with open(RECORD) as f:
             record = merge(json.load(f), new)
         with open(RECORD, "w") as f:

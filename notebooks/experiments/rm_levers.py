@@ -3,10 +3,10 @@ Reward-model levers: what closes the gap between the reward model and its labels
 
 PPO's gain follows its reward model, so the InstructGPT result holds on every seed only if every seed's reward model
 learns the request: within 8 points of the labels' ceiling, with a prompt-swap drop of at least 60% of the gold
-human's own (notebooks/RESULTS.md judges both on the worst seed). reward.py's defaults miss both on every seed of
-notebooks/seeds.py, and they under-fit: the reward model gets its own training pairs right little more often than
+human's own (notebooks/experiments/RESULTS.md judges both on the worst seed). reward.py's defaults miss both on every seed of
+notebooks/experiments/seeds.py, and they under-fit: the reward model gets its own training pairs right little more often than
 held-out ones. Each lever here is one reward model per seed, trained on that seed's SFT model and pairs
-(out/seeds/<preset>/seed<s>/, built by notebooks/seeds.py) with reward.py's training loop and measured exactly as
+(out/seeds/<preset>/seed<s>/, built by notebooks/experiments/seeds.py) with reward.py's training loop and measured exactly as
 reward.py measures it, on the same held-out pairs. The row `recipe` is each seed's reward model as the chain built it.
 
   steps=2560        two passes over the ~10,000 pairs instead of one (reward.py's --steps)
@@ -14,7 +14,7 @@ reward.py measures it, on the same held-out pairs. The row `recipe` is each seed
   margin=large      labeller's grade of each preference mapped to m as in their appendix A.3.3: small (0, 1/3, 2/3,
   margin=none       1), large (0, 1, 2, 3) for negligibly, slightly, clearly, significantly better; none: m = 0,
                     the plain Bradley-Terry loss on the same pairs (the recipe's own pairs carry small margins)
-  tau=0.25          a less noisy labeller: the training pairs relabelled by reward.bt_label at this tau, the
+  tau=0.25          a less noisy labeller: the training pairs relabelled by reward.graded_label at this tau, the
                     held-out pairs labelled afresh with it (so the ceiling moves too)
   lr=2e-3           any other field of reward.Config, as --field=value would set it; data=<pairs.jsonl> trains
                     on that file's pairs (another seed's: is it the pairs or the SFT model that sets the gap?)
@@ -33,9 +33,9 @@ The recipe's pairs carry those grades since the margin became the recipe; a marg
 again, each pair's z drawn given the choice the labeller made (z > 0 for the chosen response): the same joint
 distribution of labels and grades. The rows above were measured on chains whose pairs had no grades.
 
-Run:  python notebooks/rm_levers.py [--seeds=1337,3,4] [--variants="margin=none;twin_steps=0"]
-      -> out/rm_levers/results.json (a (seed, variant) done before is reused); `notebooks/results.py --update`
-         ships it as notebooks/figures/rm_levers.json and renders it into notebooks/RESULTS.md
+Run:  python notebooks/experiments/rm_levers.py [--seeds=1337,3,4] [--variants="margin=none;twin_steps=0"]
+      -> out/rm_levers/results.json (a (seed, variant) done before is reused); `notebooks/experiments/results.py --update`
+         ships it as notebooks/experiments/figures/rm_levers.json and renders it into notebooks/experiments/RESULTS.md
 """
 import json
 import math
@@ -46,16 +46,20 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),  # the root
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # notebooks/, for lecture.py
 
 import torch  # noqa: E402
 
 import data  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
+import stages  # noqa: E402
 from frontier import names, run_experiment  # noqa: E402
 from checks import drop_share, gap  # noqa: E402
-from model import ScalarHeadModel, atomic_write, load_model, parse_config, pick_device, run_fields  # noqa: E402
+from model import ScalarHeadModel, load_model  # noqa: E402
+from runs import atomic_write, parse_config, pick_device  # noqa: E402
+from stages import run_fields  # noqa: E402
 
 
 @dataclass
@@ -66,7 +70,7 @@ class Config:
     """the preset of the seeds' chains"""
     device: str = "auto"
     seeds: str = "1337,3,4"
-    """comma-separated seeds, each with a chain built by notebooks/seeds.py"""
+    """comma-separated seeds, each with a chain built by notebooks/experiments/seeds.py"""
     variants: str = "steps=1280,twin_steps=0,margin=none;margin=none;twin_steps=0"
     """levers, separated by ';': each a comma-separated list of field=value (reward.Config's fields, or margin);
     the default takes the recipe apart: the reward model before it, without the margin, without the curriculum"""
@@ -148,11 +152,11 @@ def graded(pairs, tau, levels, seed):
 
 def relabelled(pairs, tau, seed):
     """The pairs labelled again by the simulated human at temperature tau (each pair's two responses, in their
-    stored order, are a and b of reward.bt_label)."""
+    stored order, are a and b of reward.graded_label)."""
     rng, out = random.Random(seed), []
     for p in pairs:
         a, b = p["chosen"], p["rejected"]
-        keep = reward.bt_label(data.gold_reward(p["prompt"], a), data.gold_reward(p["prompt"], b), tau, rng)
+        keep = reward.graded_label(data.gold_reward(p["prompt"], a), data.gold_reward(p["prompt"], b), tau, rng)[0]
         out.append({**p, "chosen": a if keep else b, "rejected": b if keep else a})
     return out
 
@@ -188,13 +192,13 @@ def lever(folder, seed, variant, cfg, device, held_out):
     own = ("margin", "ensemble", "twins")  # the levers of this experiment; the rest are reward.Config's fields
     flags = [f"--{k}={v}" for k, v in variant.items() if k not in own]
     rcfg = parse_config(reward.Config, argv + flags, reward.PRESETS, reward.check, quiet=True)
-    policy = load_model(sft.output_path("sft", folder), device)
+    policy = load_model(stages.output_path("sft", folder), device)
     if {"twins", "n_prompts", "k"} & variant.keys():  # pairs sampled again from the SFT model, as the lever says
         prompts = sft.train_prompts(rcfg.n_prompts, rcfg.seed)
         pairs, _ = reward.label_pairs(policy, prompts, rcfg.tau, rcfg.max_new_tokens, device, rcfg.seed, rcfg.k,
                                       TWINS[variant["twins"]] if "twins" in variant else rcfg.retell)
     else:  # data=<pairs.jsonl>: another file's pairs (another seed's, say) on this seed's SFT model
-        pairs = reward.load_pairs(rcfg.data or sft.output_path("pairs", folder))
+        pairs = reward.load_pairs(rcfg.data or stages.output_path("pairs", folder))
     if "tau" in variant:
         pairs = relabelled(pairs, rcfg.tau, seed)
     if "margin" in variant:
@@ -243,7 +247,7 @@ def train(cfg):
 # ----------------------------------------------------------------------------- the table RESULTS.md shows
 
 def levers_table(results):
-    """notebooks/rm_levers.py's table, one row per lever and a column per seed: the gap to the ceiling (points) and
+    """notebooks/experiments/rm_levers.py's table, one row per lever and a column per seed: the gap to the ceiling (points) and
     the drop share of each seed's reward model, then the worst of each over the seeds the lever was tried on, and
     the mean seconds of training. A lever is compared with the recipe seed by seed, not by means over other seeds."""
     seeds = sorted({r["seed"] for r in results["rows"]})
@@ -283,14 +287,14 @@ BEFORE_TITLE = "Reward-model levers, on the chains before the recipe changed"
 BEFORE_NOTE = ("These chains' pairs had no grades and their reward model no curriculum: 1280 steps of the plain "
                "Bradley-Terry loss (the row `recipe`); a margin lever graded their pairs afresh. These are the runs "
                "that chose the margin and two passes over the pairs; the twin curriculum was chosen after them, on "
-               "the seeds' chains (`notebooks/rm_levers.py`'s default levers take today's recipe apart).")
+               "the seeds' chains (`notebooks/experiments/rm_levers.py`'s default levers take today's recipe apart).")
 
 
 def levers_section(levers, title="Reward-model levers, on the seeds' own chains", note=""):
-    """RESULTS.md's section on notebooks/rm_levers.py: reward models trained otherwise on the seeds' own chains."""
+    """RESULTS.md's section on notebooks/experiments/rm_levers.py: reward models trained otherwise on the seeds' own chains."""
     seeds = sorted({r["seed"] for r in levers["rows"]})
     return "\n".join([f"## {title}", "", *([note, ""] if note else []),
-                      f"`python notebooks/rm_levers.py` (the {levers['preset']} preset; seeds "
+                      f"`python notebooks/experiments/rm_levers.py` (the {levers['preset']} preset; seeds "
                       f"{', '.join(map(str, seeds))}): each lever is one reward model a seed, trained on that seed's "
                       "SFT model and pairs and measured on its held-out pairs as reward.py measures it; an ensemble "
                       "is scored by its K members' mean, and each member is a row of its own (`#k`, member 0 the "

@@ -27,7 +27,7 @@ Departures from a like-for-like comparison, which the reader should keep in mind
   - The over-optimisation curve uses the rollouts of training prompts (ppo.py's per-step history), not the
     held-out prompts; its KL is the rollout estimate, so early points can sit slightly below zero.
 
-Run:  python notebooks/frontier.py [--preset=small] [--ppo_betas=0.03,0.3] [--dpo_betas=0.1] [--steps=20]
+Run:  python notebooks/experiments/frontier.py [--preset=small] [--ppo_betas=0.03,0.3] [--dpo_betas=0.1] [--steps=20]
       writes out/frontier/results.json, table.md, frontier.png and overoptimization.png (matplotlib)
 """
 import io
@@ -37,15 +37,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),  # the root
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # notebooks/, for lecture.py
 
 import dpo  # noqa: E402
 import lecture  # noqa: E402  (notebooks/lecture.py: the running mean the plots below share with the notebooks)
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
-from model import (atomic_write, deferred_interrupt, load_model, non_negative, one_line_errors,  # noqa: E402
-                   parse_config, pick_device, run_fields)
+import stages  # noqa: E402
+from model import load_model  # noqa: E402
+from runs import atomic_write, deferred_interrupt, one_line_errors, parse_config, pick_device  # noqa: E402
+from stages import non_negative, run_fields  # noqa: E402
 
 
 @dataclass
@@ -81,7 +84,7 @@ PRESETS = {"small": {}, "medium": {}}  # the sweep's own fields are the same on 
 
 
 def check(cfg):
-    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails. The runs'
+    """What each field allows: runs.parse_config reports the first (field, ok, allowed) row that fails. The runs'
     own configs are checked when train() parses them, before anything is trained."""
     yield from run_fields(cfg)
     yield "ppo_betas", betas(cfg.ppo_betas, lambda b: b >= 0), "comma-separated numbers >= 0"
@@ -178,14 +181,14 @@ def row(method, setting, metrics, seconds=0.0):
 def timed_run(run_cfg, stage, train_fn):
     """(metrics, seconds) of train_fn(), or of the run already saved in run_cfg.out_dir/stage with this config (its
     out_dir aside: it says where a run is, not how it ran, so a run copied from another folder is reused too) and
-    from the same SFT model and reward model or pairs, where run_cfg.out_dir holds them (sft.record's parents):
+    from the same SFT model and reward model or pairs, where run_cfg.out_dir holds them (stages.record's parents):
     a PPO run is not reused after its reward model was trained again."""
     path = os.path.join(run_cfg.out_dir, stage, "metrics.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         settings = lambda c: {k: v for k, v in c.items() if k != "out_dir"}  # noqa: E731
-        same_parents = (saved.get("built_from") or {}).get("parents") == sft.record(stage, run_cfg)["parents"]
+        same_parents = (saved.get("built_from") or {}).get("parents") == stages.record(stage, run_cfg)["parents"]
         if same_parents and settings(saved.get("config", {})) == settings(json.loads(json.dumps(asdict(run_cfg)))):
             print(f"== {path}: done before with this config, reused")
             return saved, 0.0
@@ -206,8 +209,8 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
     ppo_cfg = ppo_cfg or parse_config(ppo.Config, argv + ["--adaptive_kl=false"], ppo.PRESETS, ppo.check)
     dpo_cfg = dpo_cfg or parse_config(dpo.Config, argv, dpo.PRESETS, dpo.check)
     # 1. the shared earlier stages, built if missing: pretrain -> SFT -> reward model and its preference pairs
-    sft.ensure_stage("reward", cfg)
-    sft_path, pairs_path = sft.ensure_stage("sft", cfg), sft.ensure_stage("pairs", cfg)
+    stages.ensure_stage("reward", cfg)
+    sft_path, pairs_path = stages.ensure_stage("sft", cfg), stages.ensure_stage("pairs", cfg)
     folder = os.path.join(cfg.out_dir, "frontier")
 
     def run_ppo(name, **overrides):
@@ -229,7 +232,7 @@ def train(cfg, ppo_cfg=None, dpo_cfg=None):
     rows = [row("SFT", "-", {**sft_eval, "kl": 0.0, "win_rate_vs_sft": 0.5}, time.time() - t0)]
     # 3. best-of-N and rejection sampling, from reward.py's own metrics
     if cfg.bon:
-        bon_cfg = sft.stage_config("best_of_n", cfg)
+        bon_cfg = stages.stage_config("best_of_n", cfg)
         bon, _ = timed_run(bon_cfg, "best_of_n", lambda: reward.best_of_n_stage(bon_cfg))
         rows += [row("best-of-N", f"N={p['n']}", p) for p in bon["best_of_n"]]
     rejection_path = os.path.join(cfg.out_dir, "rejection", "metrics.json")
@@ -302,7 +305,7 @@ def save_rows(folder, rows, table):
 
 
 def run_experiment(config_cls, check, train, markdown_table):
-    """The main() of notebooks/online.py and rm_size.py: parse the flags, train, print the table."""
+    """The main() of notebooks/experiments/online.py and rm_size.py: parse the flags, train, print the table."""
     cfg = parse_config(config_cls, presets=PRESETS, check=check)
     with one_line_errors():
         rows = train(cfg)

@@ -11,7 +11,7 @@ out/sft model) is trained with ppo.py's recipe against each, its critic starting
 
 The policy's own width is the chain's out/reward and out/ppo, read as they are.
 
-Run:  python notebooks/rm_size.py [--widths=64,192]     -> out/rm_size/results.json and table.md
+Run:  python notebooks/experiments/rm_size.py [--widths=64,192]     -> out/rm_size/results.json and table.md
 """
 import copy
 import json
@@ -22,13 +22,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),  # the root
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # notebooks/, for lecture.py
 
 import frontier  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
-import sft  # noqa: E402
-from model import ScalarHeadModel, load_model, pick_device, run_fields  # noqa: E402
+import stages  # noqa: E402
+from model import ScalarHeadModel, load_model  # noqa: E402
+from runs import pick_device  # noqa: E402
+from stages import run_fields  # noqa: E402
 
 
 @dataclass
@@ -70,14 +73,14 @@ def markdown_table(rows):
 
 
 def train(cfg, rcfg=None, pcfg=None, scfg=None):
-    """Every width. rcfg, pcfg, scfg: reward.py's, ppo.py's and sft.py's configs (default: sft.stage_config, their
+    """Every width. rcfg, pcfg, scfg: reward.py's, ppo.py's and sft.py's configs (default: stages.stage_config, their
     preset's on cfg.out_dir); each width's SFT model is scfg with only n_embd and out_dir changed."""
     device = pick_device(cfg.device)
-    rcfg, pcfg = rcfg or sft.stage_config("reward", cfg), pcfg or sft.stage_config("ppo", cfg)
-    scfg = scfg or sft.stage_config("sft", cfg)
-    sft_path, rm_path = sft.ensure_stage("sft", rcfg), sft.ensure_stage("reward", rcfg)
+    rcfg, pcfg = rcfg or stages.stage_config("reward", cfg), pcfg or stages.stage_config("ppo", cfg)
+    scfg = scfg or stages.stage_config("sft", cfg)
+    sft_path, rm_path = stages.ensure_stage("sft", rcfg), stages.ensure_stage("reward", rcfg)
     policy = load_model(sft_path, device)
-    pairs = reward.load_pairs(sft.ensure_stage("pairs", rcfg))
+    pairs = reward.load_pairs(stages.ensure_stage("pairs", rcfg))
     eval_pairs, ceiling = reward.held_out_pairs(policy, rcfg, device)  # the same pairs reward.py measured on
     # the policy's own width: the chain's reward model and PPO run
     with open(os.path.join(os.path.dirname(rm_path), "metrics.json")) as f:
@@ -90,7 +93,7 @@ def train(cfg, rcfg=None, pcfg=None, scfg=None):
     for width in [int(w) for w in cfg.widths.split(",")]:
         t0, folder = time.time(), os.path.join(cfg.out_dir, "rm_size", f"w{width}")
         # 1. an SFT model of this width, trained as the policy was: the reward model's starting point
-        start = load_model(sft.ensure_stage("sft", replace(scfg, out_dir=folder, n_embd=width)), device)
+        start = load_model(stages.ensure_stage("sft", replace(scfg, out_dir=folder, n_embd=width)), device)
         # 2. the reward model, on the policy's pairs, centred on and measured against the policy's samples
         torch.manual_seed(rcfg.seed)
         rm = ScalarHeadModel.from_gpt(start, rcfg.readout).to(device)

@@ -19,7 +19,7 @@ patterns collect test_*.py and *_test.py files only, and nothing here is named t
   6. bf16 on the CPU  with --cpu_bf16=true, instead of 1-4: the small model's pretraining step and its cached
                       generation under torch.autocast("cpu", bfloat16) against fp32, taking turns; the ratio says
                       what the CPU's bf16 units (avx512_bf16, amx_bf16 in /proc/cpuinfo) would buy the chain, which
-                      runs in fp32 on the CPU (model.AUTOCAST).
+                      runs in fp32 on the CPU (runs.AUTOCAST).
 
 On CPU it runs the small shape (the small preset's model) in fp32; on CUDA also GPT-2 small (124M) in bf16 with
 fused AdamW, and --compile wraps both training-step models in torch.compile. The GPT-2 small rows have never been
@@ -28,10 +28,10 @@ over --repeats runs after --warmup runs, with torch.cuda.synchronize around each
 numbers are noisy: compare ratios measured in one run, not absolute numbers across runs. On CPU it uses one thread
 by default (--threads).
 
-Run:  python tests/benchmark.py                   (CPU: about a minute)
-      python tests/benchmark.py --compile=true    (CUDA)
-      python tests/benchmark.py --processes=2     (2 CPU processes against 1: a few minutes)
-      python tests/benchmark.py --cpu_bf16=true   (bf16 autocast against fp32 on the CPU: a minute)
+Run:  python notebooks/experiments/benchmark.py                   (CPU: about a minute)
+      python notebooks/experiments/benchmark.py --compile=true    (CUDA)
+      python notebooks/experiments/benchmark.py --processes=2     (2 CPU processes against 1: a few minutes)
+      python notebooks/experiments/benchmark.py --cpu_bf16=true   (bf16 autocast against fp32 on the CPU: a minute)
 """
 import contextlib
 import dataclasses
@@ -50,14 +50,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import sft  # noqa: E402
-from model import (GPT, GPTConfig, ScalarHeadModel, atomic_write, autocast, parse_config, pick_device,  # noqa: E402
-                   to_device)
+import stages  # noqa: E402
+from model import GPT, GPTConfig, ScalarHeadModel  # noqa: E402
+from runs import atomic_write, autocast, parse_config, pick_device, to_device  # noqa: E402
 
-PROCESSES_RECORD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", "figures",
-                                "processes.json")
+PROCESSES_RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "processes.json")
 
 
 @dataclass
@@ -202,7 +203,7 @@ def maybe_compile(model, cfg):
 def bench_pretrain(gcfg, cfg, device):
     model = GPT(gcfg).to(device)
     step_model = maybe_compile(model, cfg)
-    optimizer = sft.make_optimizer(model, 1e-4, 0.1, device)
+    optimizer = stages.make_optimizer(model, 1e-4, 0.1, device)
     stream = torch.randint(gcfg.vocab_size, (100 * gcfg.block_size,))  # a random token stream stands in for text
     rng = torch.Generator().manual_seed(cfg.seed)
 
@@ -211,7 +212,7 @@ def bench_pretrain(gcfg, cfg, device):
         x, y = to_device(x, device), to_device(y, device)
         with autocast(device):
             _, loss = step_model(x, y)
-        sft.optimizer_step(model, optimizer, loss, 1e-4)
+        stages.optimizer_step(model, optimizer, loss, 1e-4)
 
     (dt,) = median_times([step], device, cfg.warmup, cfg.repeats)
     tokens_per_s = cfg.batch_size * gcfg.block_size / dt
@@ -258,7 +259,7 @@ def bench_train_step(gcfg, cfg, device):
 
     def stepper(model):
         step_model = maybe_compile(model, cfg)
-        optimizer = sft.make_optimizer(model, 1e-4, 0.1, device)
+        optimizer = stages.make_optimizer(model, 1e-4, 0.1, device)
 
         def step():  # forward, backward, AdamW: nothing else
             with autocast(device):
@@ -286,7 +287,7 @@ def cpu_bf16_units():
 def bench_cpu_bf16(gcfg, cfg):
     """{fp32 and bf16 ms of a pretraining step, of a cached generation}: the same model and batch, taking turns."""
     model = GPT(gcfg)
-    optimizer = sft.make_optimizer(model, 1e-4, 0.1, "cpu")
+    optimizer = stages.make_optimizer(model, 1e-4, 0.1, "cpu")
     x = torch.randint(gcfg.vocab_size, (cfg.batch_size, gcfg.block_size))  # (B, T)
     prompts = torch.randint(gcfg.vocab_size, (cfg.gen_batch, cfg.prompt_len))  # (B, P)
     new = min(cfg.gen_tokens, gcfg.block_size - cfg.prompt_len)
@@ -299,7 +300,7 @@ def bench_cpu_bf16(gcfg, cfg):
 
     def step():
         _, loss = model(x, x)
-        sft.optimizer_step(model, optimizer, loss, 1e-4)
+        stages.optimizer_step(model, optimizer, loss, 1e-4)
 
     def generate():
         with torch.no_grad():
@@ -327,8 +328,8 @@ def bench_ppo(gcfg, cfg, device, ppo):
     critic = ScalarHeadModel.from_gpt(policy).to(device).eval()
     rm = ScalarHeadModel.from_gpt(policy).to(device).requires_grad_(False).eval()
     reward_fn = ppo.rm_reward_fn(rm)
-    policy_opt = sft.make_optimizer(policy, pcfg.lr, 0.0, device)
-    critic_opt = sft.make_optimizer(critic, pcfg.critic_lr, 0.0, device)
+    policy_opt = stages.make_optimizer(policy, pcfg.lr, 0.0, device)
+    critic_opt = stages.make_optimizer(critic, pcfg.critic_lr, 0.0, device)
     prompts = [data.alpaca_prompt(i, x) for i, x in data.tasks("train", pcfg.batch_size, seed=cfg.seed)]
     prompt_ids = [torch.tensor(data.encode(p)) for p in prompts]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -372,9 +373,8 @@ def bench_ppo(gcfg, cfg, device, ppo):
 
 def bench_processes(cfg):
     """sft.py --stage=pretrain --preset=medium as cfg.processes torchrun processes and as one plain process, in
-    turns, cfg.repeats runs each. A step's time is the one sft.log prints (rank 0's, the gradients' all-reduce
+    turns, cfg.repeats runs each. A step's time is the one stages.log prints (rank 0's, the gradients' all-reduce
     included); the median over every run's steps after the first cfg.warmup. Returns (ms one, ms N, parameters)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     flags = ["--stage=pretrain", "--preset=medium", "--device=cpu", "--n_docs=1000", f"--seed={cfg.seed}",
              f"--pretrain_steps={cfg.warmup + 8}", f"--pretrain_batch_size={cfg.batch_size}"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.processes}"]
@@ -382,7 +382,7 @@ def bench_processes(cfg):
     with tempfile.TemporaryDirectory() as out:
         for _ in range(cfg.repeats):
             for n, launch in ((1, [sys.executable]), (cfg.processes, torchrun)):
-                run = subprocess.run([*launch, "sft.py", *flags, f"--out_dir={out}/{n}"], cwd=root, text=True,
+                run = subprocess.run([*launch, "sft.py", *flags, f"--out_dir={out}/{n}"], cwd=ROOT, text=True,
                                      capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
                 if run.returncode:
                     raise SystemExit(f"error: {n} process(es): {run.stderr.strip().splitlines()[-1]}")
@@ -420,7 +420,7 @@ def main():
         row(f"step ms ({params} params)", f"{one:.0f}", f"{many:.0f}")
         row("tokens/s", f"{cfg.batch_size * T / one * 1000:,.0f}", f"{cfg.batch_size * T / many * 1000:,.0f}")
         row(f"speed-up of {n} processes", "", f"{one / many:.2f}x")
-        # the README's line on it is rendered from this record by notebooks/results.py, never typed
+        # the README's line on it is rendered from this record by notebooks/experiments/results.py, never typed
         record = dict(processes=n, params=params, ms_one=one, ms_many=many, speedup=one / many,
                       load=round(os.getloadavg()[0], 1), machine=f"{os.cpu_count()} cores, torch {torch.__version__}")
         with atomic_write(PROCESSES_RECORD) as f:

@@ -1,6 +1,6 @@
 """
 The InstructGPT claim as checks, each judged on the worst seed (issue 21's bounds), from seeds' rows of
-notebooks/figures/seeds.json (notebooks/seeds.py writes them):
+notebooks/experiments/figures/seeds.json (notebooks/experiments/seeds.py writes them):
 
   SFT           follow rate >= 0.60
   reward model  prompt-swap drop >= 0.60 of the gold human's own; expected accuracy within 8 points of the ceiling
@@ -8,7 +8,7 @@ notebooks/figures/seeds.json (notebooks/seeds.py writes them):
   PPO           win rate spread over the seeds (max - min) <= 0.08
 
 Follow rates, win rates and KLs are expectations over several samples a prompt where a seed has them
-(seeds.expectations), since one draw of 256 samples moves a rate by about 0.03. notebooks/results.py renders these
+(seeds.expectations), since one draw of 256 samples moves a rate by about 0.03. notebooks/experiments/results.py renders these
 tables into the README and RESULTS.md; the lecture notebooks print them from the same records.
 """
 

@@ -1,0 +1,400 @@
+"""
+What every stage shares around its science: the optimiser and its schedule, the progress line, how a stage is
+saved, the chain of stages (what each is built from, and when an existing output may be reused), and the checks
+of the flags the stages share. No equation of the pipeline is here.
+
+The chain names each stage's script by its name (CHAIN) and imports it only when that stage must be built, so
+this module sits under every stage: runs.py, then model.py and data.py, then this, then the stages.
+"""
+import dataclasses
+import functools
+import importlib
+import json
+import math
+import os
+import re
+import sys
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+import data
+from model import load_checkpoint, save_checkpoint
+from runs import (FUSED, CheckpointError, atomic_write, average_gradients, barrier, deferred_interrupt,
+                  parse_config, rank, resolve_preset, same_start)
+
+# ----------------------------------------------------------------------------- the fields every stage's Config has
+
+@dataclass
+class StageConfig:
+    """Every stage's Config starts with these fields (sft.Config, reward.Config, ppo.Config, dpo.Config)."""
+    out_dir: str = "out"
+    """where every stage reads and writes its checkpoint and metrics.json"""
+    preset: str = "auto"
+    """small, medium, or auto (medium when CUDA is available): see sft.PRESETS"""
+    device: str = "auto"
+    """cpu, cuda, mps (Apple's GPU), or auto: CUDA, then MPS, then the CPU"""
+    seed: int = 1337
+    """every stage's seed: a later script builds the earlier stages with it"""
+
+
+# ----------------------------------------------------------------------------- the optimiser, the log line, saving
+
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW with weight decay on matrices only (nanoGPT); the fused kernel on CUDA (runs.FUSED). Under torchrun
+    every process starts from rank 0's weights (runs.same_start), which the averaged gradients keep equal."""
+    same_start(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95),
+                             fused=FUSED.get(torch.device(device).type, False))
+
+
+def lr_at(step, steps, lr, warmup=20):
+    """Linear warm-up, then cosine decay to lr/10."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr / 10 + (lr - lr / 10) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_step(model, optimizer, loss, lr, clip=1.0):
+    """One AdamW step on loss, its gradient clipped to norm clip. Every stage trains through here, so this is where
+    data parallelism averages the processes' gradients: one explicit all-reduce (runs.average_gradients) rather
+    than DistributedDataParallel, whose wrapper would change every call and checkpoint of the model, and whose
+    overlap of communication with the backward pass matters little at these sizes. The clip and the step then see
+    the same gradient in every process."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(model)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return float(norm)
+
+
+def write_metrics(out_dir, metrics):
+    with atomic_write(os.path.join(out_dir, "metrics.json")) as f:
+        json.dump(metrics, f, indent=1)
+
+
+def save_stage(out_dir, model, metrics, step, built_from=None):
+    """A stage's two files, both or neither: each is written to a temporary file and renamed, Ctrl-C waits until both
+    are in place, and model.pt, whose presence tells later stages this one is done, comes last. built_from: the
+    stage's record (record()), kept in both. Under torchrun rank 0 writes them and the others wait until it has."""
+    if rank() == 0:
+        with deferred_interrupt():
+            write_metrics(out_dir, {**metrics, "built_from": built_from})
+            save_checkpoint(os.path.join(out_dir, "model.pt"), model, step=step, built_from=built_from)
+    barrier()
+
+
+def report(name, metrics, prompts, texts, sft_texts):
+    """A later stage's closing lines: its numbers, then three held-out prompts, its sample and SFT's, gold-scored."""
+    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    for p, t, s in list(zip(prompts, texts, sft_texts))[:3]:
+        print(f"--- {p.split('### Instruction:')[-1].split('###')[0].strip()!r}\n"
+              f"  {name} ({data.gold_reward(p, t):+.2f}): {t}\n  sft ({data.gold_reward(p, s):+.2f}): {s}")
+
+
+def log(step, **fields):
+    """One progress line: step 00012 | loss 2.1234 | 120 ms"""
+    parts = [f"step {step:05d}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
+    print(" | ".join(parts), flush=True)
+
+
+# ----------------------------------------------------------------------------- the chain of stages
+
+# Each stage: the script whose Config builds it, the stages it starts from, and the Config fields that shape what
+# it writes (the rest only change what is evaluated or printed). best_of_n, ppo and dpo end the chain: recorded, never
+# reused.
+CHAIN = {
+    "pretrain":  ("sft", (), ("objective", "corpus", "seed", "n_layer", "n_head", "n_embd", "block_size", "dropout",
+                              "n_docs", "pretrain_steps", "pretrain_batch_size", "lr", "weight_decay")),
+    "sft":       ("sft", ("pretrain",), ("data", "seed", "n_demos", "sft_steps", "batch_size", "lr",
+                                         "weight_decay")),
+    "pairs":     ("reward", ("sft",), ("n_prompts", "k", "retell", "tau", "grades", "seed", "max_new_tokens")),
+    "reward":    ("reward", ("sft", "pairs"), ("data", "seed", "steps", "twin_steps", "batch_size", "lr",
+                                               "weight_decay", "readout", "label_smoothing")),
+    "rejection": ("reward", ("sft", "reward"), ("seed", "rs_prompts", "rs_n", "rs_steps", "batch_size", "lr",
+                                                "weight_decay", "max_new_tokens")),
+    "best_of_n": ("reward", ("sft", "reward"), ()),
+    "ppo":       ("ppo", ("sft", "reward"), ()),
+    "dpo":       ("dpo", ("sft", "pairs"), ()),
+}
+OUTPUTS = {"pairs": ("reward", "pairs.jsonl"), "reward": ("reward", "model.pt")}  # the rest: <stage>/model.pt
+BUILDERS = {"pretrain": "pretrain", "sft": "sft", "pairs": "label_training_pairs", "reward": "train",
+            "rejection": "rejection_sampling"}  # the function of the stage's script that builds it
+
+
+class StageMismatch(CheckpointError):
+    """An earlier stage's output was built otherwise than this run asks: never reused silently."""
+
+
+def output_path(stage, out_dir):
+    return os.path.join(out_dir, *OUTPUTS.get(stage, (stage, "model.pt")))
+
+
+def script_of(cfg):
+    """The script whose Config cfg is ("sft", "reward", ...), also when that script runs as __main__."""
+    return os.path.splitext(os.path.basename(sys.modules[type(cfg).__module__].__file__))[0]
+
+
+def stage_config(stage, cfg):
+    """The Config that builds stage: cfg itself when cfg belongs to that stage's script (the user's flags hold),
+    else the defaults of cfg's preset with cfg's out_dir, device and seed, where cfg has one (`python ppo.py
+    --seed=3` builds seed 3's chain, as notebooks/seeds.py does)."""
+    script = importlib.import_module(CHAIN[stage][0])
+    if script_of(cfg) != CHAIN[stage][0]:
+        seed = [f"--seed={cfg.seed}"] if hasattr(cfg, "seed") else []  # an experiment's Config may have none
+        cfg = parse_config(script.Config, [f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}",
+                                           f"--device={cfg.device}", *seed], script.PRESETS, script.check, quiet=True)
+    return dataclasses.replace(cfg, stage={"pairs": "reward"}.get(stage, stage)) if hasattr(cfg, "stage") else cfg
+
+
+def record(stage, cfg):
+    """What stage is built from, with cfg: {"stage", "preset", "settings", "parents": {stage: its record's id},
+    "world"}. Saved with the stage's output; a user's file among the settings is recorded by its content."""
+    cfg = stage_config(stage, cfg)
+    _, parents, fields = CHAIN[stage]
+    settings = {f: getattr(cfg, f) for f in fields or [f.name for f in dataclasses.fields(cfg)]
+                if f not in ("stage", "out_dir", "device", "preset")}
+    for f in ("corpus", "data"):
+        if settings.get(f):
+            with open(settings[f], "rb") as file:
+                settings[f] = f"{settings[f]} (crc {zlib.crc32(file.read()):08x})"
+    parents = [p for p in parents if not (p == "pairs" and cfg.data)]  # a user's pairs file replaces the stage
+    parents += ["rejection"] if getattr(cfg, "init", "sft") == "rejection" else []  # ppo.py --init=rejection
+    return {"stage": stage, "preset": resolve_preset(cfg.preset), "settings": settings, "world": data.fingerprint(),
+            "parents": {p: record_id(read_record(output_path(p, cfg.out_dir))) for p in parents}}
+
+
+def record_id(rec):
+    return None if rec is None else f"{zlib.crc32(json.dumps(rec, sort_keys=True).encode()):08x}"
+
+
+def read_record(path):
+    """The record saved with an output (None when there is no output, or it has none)."""
+    if path.endswith(".pt"):
+        return load_checkpoint(path).get("built_from") if os.path.exists(path) else None
+    if os.path.exists(path + ".built_from.json"):
+        with open(path + ".built_from.json") as f:
+            return json.load(f)
+    return None
+
+
+def check_reuse(stage, cfg, asked=None):
+    """May this run reuse stage's output? Its world, preset and parents must be this run's, and so must its settings
+    where this run states them itself (cfg is the Config of the stage's own script). Otherwise StageMismatch: one
+    line naming the stage, what differs and the fix. Settings that differ only from a preset's defaults nobody
+    asked for are printed, not silent. The stage's parents are checked the same way, before any work."""
+    path, scfg = output_path(stage, cfg.out_dir), stage_config(stage, cfg)
+    asked = script_of(cfg) == CHAIN[stage][0] if asked is None else asked
+    have, want = read_record(path), record(stage, scfg)
+    fix = f"delete {os.path.dirname(path)}/ to rebuild it, or pass --out_dir=<another folder>"
+    if have is None:
+        raise StageMismatch(f"stage {stage!r}: {path} has no record of what it was built from; {fix}")
+    must = [f"the {have['preset']} preset (this run: {want['preset']})"] if have["preset"] != want["preset"] else []
+    must += ["another world or tokenizer (data.py has changed since)"] if have["world"] != want["world"] else []
+    must += [f"another {output_path(p, cfg.out_dir)} (rebuilt or removed since)" for p, i in have["parents"].items()
+             if want["parents"].get(p) != i]
+    settings = [f"{k}={have['settings'].get(k)!r} (this run: {v!r})" for k, v in want["settings"].items()
+                if have["settings"].get(k) != v]
+    if must or (asked and settings):
+        raise StageMismatch(f"stage {stage!r}: {path} was built with {'; '.join(must + settings)}; {fix}")
+    if settings:
+        print(f"== reusing {path}, built with {'; '.join(settings)}")
+    for parent in [p for p, i in have["parents"].items() if i is not None]:  # None: built without it (a test's)
+        check_reuse(parent, scfg, asked=asked and CHAIN[parent][0] == CHAIN[stage][0])
+
+
+def ensure_stage(stage, cfg):
+    """The path of stage's output, built first if missing: with cfg's settings when cfg is that stage's script's
+    Config, else with the defaults of cfg's preset. An existing output is reused only as check_reuse allows."""
+    path = output_path(stage, cfg.out_dir)
+    if os.path.exists(path):
+        check_reuse(stage, cfg)
+        return path
+    print(f"== {path} is missing: running stage {stage!r} first")
+    build = getattr(importlib.import_module(CHAIN[stage][0]), BUILDERS[stage])
+    build(stage_config(stage, cfg))
+    return path
+
+
+# ----------------------------------------------------------------------------- judging a scorer against the gold human
+# The reward model's report (reward.evaluate_reward_model), and the same questions of any scorer the experiments try.
+
+def pearson(x, y):
+    """The correlation of two lists of numbers."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-12))
+
+
+def expected_accuracy(gold_gaps, chosen_scores, rejected_scores, tau):
+    """The held-out accuracy and the ceiling averaged over the labeller's coin instead of one draw of it (a draw of
+    512 labels moves both by points). gold_gaps[i] = g(chosen) - g(rejected). Returns (scorer, ceiling)."""
+    gaps = torch.as_tensor(gold_gaps, dtype=torch.float64)  # (N,)
+    # p_i = P(labeller prefers chosen_i) = sigmoid((g(chosen_i) - g(rejected_i)) / tau)
+    p_chosen = torch.sigmoid(gaps / tau)  # (N,)
+    # E[RM accuracy] = mean_i (p_i if r(chosen_i) > r(rejected_i) else 1 - p_i); E[ceiling] = mean_i max(p_i, 1 - p_i)
+    rm_first = torch.as_tensor(chosen_scores) > torch.as_tensor(rejected_scores)  # (N,) a tie counts as wrong
+    rm = torch.where(rm_first, p_chosen, 1 - p_chosen)  # (N,)
+    return float(rm.mean()), float(torch.maximum(p_chosen, 1 - p_chosen).mean())
+
+
+def accuracy_by_term(pairs, chosen_scores, rejected_scores):
+    """Which gold term decides each pair (its difference is the largest), and on the pairs each term decides, how
+    often the reward model and the labels agree with the gold order. Pairs the gold human ties are left out.
+    Returns {term: {"pairs": n, "rm": agreement, "labels": agreement}}: where a reward model is blind."""
+    rows = {}
+    for p, r_w, r_l in zip(pairs, chosen_scores, rejected_scores):
+        t_w, t_l = data.gold_terms(p["prompt"], p["chosen"]), data.gold_terms(p["prompt"], p["rejected"])
+        diff = {k: t_w[k] - t_l[k] for k in t_w}
+        gap = sum(diff.values())  # g(chosen) - g(rejected): > 0 when the label agrees with the gold order
+        if gap == 0:
+            continue
+        row = rows.setdefault(max(diff, key=lambda k: abs(diff[k])), {"pairs": 0, "rm": 0, "labels": 0})
+        row["pairs"] += 1
+        row["rm"] += (float(r_w) > float(r_l)) == (gap > 0)
+        row["labels"] += gap > 0
+    return {k: {"pairs": v["pairs"], "rm": v["rm"] / v["pairs"], "labels": v["labels"] / v["pairs"]}
+            for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["pairs"])}
+
+
+def other_prompts(prompts):
+    """For each prompt, the next one in the list that asks for none of the same names, animals and places (and so
+    for something else): the prompt a response is scored under in prompt_swap."""
+    out = []
+    for i, p in enumerate(prompts):
+        want = set(data.requested(p))
+        out.append(next(q for q in prompts[i + 1:] + prompts[:i] if not want & set(data.requested(q))))
+    return out
+
+
+def prompt_swap(score_fn, pairs):
+    """Does a scorer read the prompt? Each pair (prompt, a, b) is ordered by the gold human under its own prompt;
+    a scorer score_fn(prompts, responses) -> (N,) is asked to order it under its own prompt and under another that
+    asks for something else (other_prompts). A prompt-blind scorer orders both alike: its agreement does not drop.
+    The gold human's own drop is the most a scorer that reads the prompt as it does can show. Gold ties are skipped.
+    Returns {"right", "swapped", "drop", "gold_swapped", "gold_drop", "pairs"}; agreements count ties half."""
+    gaps = [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in pairs]
+    pairs, gaps = [p for p, g in zip(pairs, gaps) if g != 0], [g for g in gaps if g != 0]
+    prompts = [p["prompt"] for p in pairs]
+    swapped = other_prompts(prompts)
+    # the gold order under the right prompt: +1 if chosen is better, -1 if rejected is
+    gold = torch.tensor([math.copysign(1, g) for g in gaps])  # (N,)
+    a, b = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
+    agree = lambda diff: float((torch.sign(torch.as_tensor(diff, dtype=torch.float64)) * gold + 1).mean() / 2)
+    right = agree(score_fn(prompts, a) - score_fn(prompts, b))
+    other = agree(score_fn(swapped, a) - score_fn(swapped, b))
+    gold_other = agree([data.gold_reward(q, x) - data.gold_reward(q, y) for q, x, y in zip(swapped, a, b)])
+    return {"right": right, "swapped": other, "drop": right - other, "gold_swapped": gold_other,
+            "gold_drop": 1 - gold_other, "pairs": len(pairs)}
+
+
+# ----------------------------------------------------------------------------- checks the later stages share
+
+@functools.lru_cache(maxsize=None)
+def longest_prompt_tokens():
+    """Tokens in the longest prompt random_task can make, for the scripts' check that a prompt and a response fit
+    block_size. A word's tokens do not depend on its neighbours (the pre-tokenizer splits at spaces and
+    punctuation), so a template filled slot by slot with the word that adds the most tokens is its longest prompt."""
+    slots = dict(N=data.NAMES, A=data.ANIMALS, P=data.PLACES, adj=data.ADJS)  # random_task's slots and their words
+    longest = 0
+    for instruction, input in [(t, "") for t in data.INSTRUCTIONS] + [(data.CONTINUE, t) for t in data.OPENINGS]:
+        tokens = lambda fill: len(data.encode(data.alpaca_prompt(instruction.format(**fill), input.format(**fill))))
+        fill = {k: words[0] for k, words in slots.items()}
+        for k, words in slots.items():
+            fill[k] = max(words, key=lambda w: tokens({**fill, k: w}))
+        longest = max(longest, tokens(fill))
+    return longest
+
+
+def enough_prompts(cfg, field, split, seed):
+    """A check row: data.tasks can draw the field's number of distinct prompts of split (it says how many there are
+    when it cannot)."""
+    try:
+        data.tasks(split, getattr(cfg, field), seed)
+        return field, True, ""
+    except ValueError as e:
+        return field, False, f"at most what the world has ({e})"
+
+
+def max_new_tokens_fit(cfg, block_size, where):
+    """The check row of max_new_tokens: the world's longest prompt, the response and the EOT the reward model reads
+    after a response that was cut off fit block_size."""
+    P = longest_prompt_tokens()
+    # P + max_new_tokens + 1 <= block_size
+    return "max_new_tokens", P + cfg.max_new_tokens + 1 <= block_size, \
+        f"<= {block_size - P - 1}, so the longest prompt ({P} tokens), the response and EOT fit {where}"
+
+
+def fits_sft_model(cfg):
+    """max_new_tokens_fit for a later stage, against the block_size of the SFT model its preset builds. A checkpoint
+    trained with another --block_size is checked only when it is used (GPT.trunk raises, in one line)."""
+    sft = importlib.import_module("sft")
+    block_size = dataclasses.replace(sft.Config(), **sft.PRESETS[cfg.preset]).block_size
+    return max_new_tokens_fit(cfg, block_size, f"block_size {block_size} of the {cfg.preset} preset's SFT model")
+
+
+
+# ----------------------------------------------------------------------------- rows of the scripts' check(cfg)
+# Rows for the scripts' check(cfg): each yields (field, ok, allowed). parse_config stops at the first row that
+# fails, so a row may rely on the rows above it (n_embd % n_head needs n_head > 0 first).
+
+def positive(cfg, *fields):
+    for f in fields:
+        yield f, 0 < getattr(cfg, f) < math.inf, "> 0"
+
+
+def non_negative(cfg, *fields):
+    for f in fields:
+        yield f, 0 <= getattr(cfg, f) < math.inf, ">= 0"
+
+
+def interval(cfg, field, spec):
+    """A row: field lies in spec, written as in mathematics: "[0, 1)" includes 0 and excludes 1."""
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    v = getattr(cfg, field)
+    ok = (lo <= v if spec[0] == "[" else lo < v) and (v <= hi if spec[-1] == "]" else v < hi)
+    return field, ok, f"in {spec}"
+
+
+def one_of(cfg, field, *choices):
+    return field, getattr(cfg, field) in choices, f"one of {', '.join(choices)}"
+
+
+def files_or_empty(cfg, *fields):
+    for f in fields:
+        yield f, not getattr(cfg, f) or os.path.isfile(getattr(cfg, f)), "an existing file, or empty"
+
+
+def writable(path):
+    """Is path a folder we can write in, or make (the nearest existing folder on its way is writable)?"""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def device_exists(name):
+    if name in ("auto", "cpu"):
+        return True
+    if name == "mps":
+        return torch.backends.mps.is_available()
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
+    return bool(cuda) and torch.cuda.is_available() and int(cuda.group(1) or 0) < torch.cuda.device_count()
+
+
+def run_fields(cfg):
+    """Rows for out_dir, device and seed, which every script has (preset is checked while parse_config applies it)."""
+    yield "out_dir", bool(cfg.out_dir) and writable(cfg.out_dir), "a folder we can write in, or make"
+    yield "device", device_exists(cfg.device), "auto, cpu, mps where Apple's GPU is, or cuda[:i] where CUDA has it"
+    if hasattr(cfg, "seed"):
+        yield "seed", 0 <= cfg.seed < 2 ** 63, "in [0, 2**63)"
+
+
