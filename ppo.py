@@ -377,8 +377,7 @@ def train(cfg, policy=None, ref=None, critic=None, reward_fn=None):
     sft_eval, sft_texts = sft.evaluate(ref, eval_prompts, cfg.max_new_tokens, device, seed=cfg.seed)
     print(f"sft: {json.dumps(sft_eval)}")
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    kl_coef, history = cfg.kl_coef, []
+    gen, kl_coef, history = torch.Generator().manual_seed(cfg.seed), cfg.kl_coef, []
     floor = cfg.kl_coef_floor * cfg.kl_coef  # the adaptive controller never lowers beta below this
     for step in range(cfg.steps):
         t0 = time.time()
@@ -440,10 +439,11 @@ def check(cfg):
 
 def main():
     cfg = parse_config(Config, presets=PRESETS, check=check)
-    group = 1 if cfg.advantage == "gae" else cfg.group_size
-    # under torchrun each process's share of the batch holds whole minibatches and whole groups
+    group = 1 if cfg.advantage == "gae" else cfg.group_size  # a process's share: whole minibatches, whole groups
     with one_line_errors(), data_parallel(cfg, "batch_size", math.lcm(cfg.n_minibatches, group)):
+        t0 = time.time()
         train(cfg)
+        stages.time_lines(cfg, "ppo", time.time() - t0)  # one line a stage the chain built, and the total
 
 
 if __name__ == "__main__":

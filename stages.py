@@ -1,10 +1,7 @@
 """
-What every stage shares around its science: the optimiser and its schedule, the progress line, how a stage is
-saved, the chain of stages (what each is built from, and when an existing output may be reused), and the checks
-of the flags the stages share. No equation of the pipeline is here.
-
-The chain names each stage's script by its name (CHAIN) and imports it only when that stage must be built, so
-this module sits under every stage: runs.py, then model.py and data.py, then this, then the stages.
+What every stage shares around its science: the optimiser, the progress line, saving, the chain of stages (what
+each is built from, when an output may be reused, how long each took), judging a scorer against the gold human,
+the shared flags' checks. No equation of the pipeline here; the chain imports a stage's script only to build it.
 """
 import dataclasses
 import functools
@@ -14,6 +11,7 @@ import math
 import os
 import re
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -28,7 +26,6 @@ from runs import (FUSED, CheckpointError, atomic_write, average_gradients, barri
 
 @dataclass
 class StageConfig:
-    """Every stage's Config starts with these fields (sft.Config, reward.Config, ppo.Config, dpo.Config)."""
     out_dir: str = "out"
     """where every stage reads and writes its checkpoint and metrics.json"""
     preset: str = "auto"
@@ -62,9 +59,8 @@ def lr_at(step, steps, lr, warmup=20):
 
 def optimizer_step(model, optimizer, loss, lr, clip=1.0):
     """One AdamW step on loss, its gradient clipped to norm clip. Every stage trains through here, so this is where
-    data parallelism averages the processes' gradients: one explicit all-reduce (runs.average_gradients) rather
-    than DistributedDataParallel, whose wrapper would change every call and checkpoint of the model, and whose
-    overlap of communication with the backward pass matters little at these sizes. The clip and the step then see
+    data parallelism averages the processes' gradients (runs.average_gradients: one explicit all-reduce, where
+    DistributedDataParallel's wrapper would change every call and checkpoint of the model). The clip and the step see
     the same gradient in every process."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -82,9 +78,8 @@ def write_metrics(out_dir, metrics):
 
 
 def save_stage(out_dir, model, metrics, step, built_from=None):
-    """A stage's two files, both or neither: each is written to a temporary file and renamed, Ctrl-C waits until both
-    are in place, and model.pt, whose presence tells later stages this one is done, comes last. built_from: the
-    stage's record (record()), kept in both. Under torchrun rank 0 writes them and the others wait until it has."""
+    """A stage's two files, both or neither (each written atomically, Ctrl-C deferred), model.pt last: its presence
+    tells later stages this one is done. built_from: the stage's record, kept in both. Rank 0 alone writes."""
     if rank() == 0:
         with deferred_interrupt():
             write_metrics(out_dir, {**metrics, "built_from": built_from})
@@ -156,8 +151,8 @@ def stage_config(stage, cfg):
 
 
 def record(stage, cfg):
-    """What stage is built from, with cfg: {"stage", "preset", "settings", "parents": {stage: its record's id},
-    "world"}. Saved with the stage's output; a user's file among the settings is recorded by its content."""
+    """What stage is built from, with cfg: {"stage", "preset", "settings", "parents": {stage: record id}, "world"};
+    a user's file among the settings is recorded by its content."""
     cfg = stage_config(stage, cfg)
     _, parents, fields = CHAIN[stage]
     settings = {f: getattr(cfg, f) for f in fields or [f.name for f in dataclasses.fields(cfg)]
@@ -187,10 +182,9 @@ def read_record(path):
 
 
 def check_reuse(stage, cfg, asked=None):
-    """May this run reuse stage's output? Its world, preset and parents must be this run's, and so must its settings
-    where this run states them itself (cfg is the Config of the stage's own script). Otherwise StageMismatch: one
-    line naming the stage, what differs and the fix. Settings that differ only from a preset's defaults nobody
-    asked for are printed, not silent. The stage's parents are checked the same way, before any work."""
+    """May this run reuse stage's output? Its world, preset and parents must be this run's, and its settings too where
+    this run states them (cfg is the stage's own script's); else StageMismatch, one line with the fix. Settings
+    that differ only from defaults nobody asked for are printed. The parents are checked the same way."""
     path, scfg = output_path(stage, cfg.out_dir), stage_config(stage, cfg)
     asked = script_of(cfg) == CHAIN[stage][0] if asked is None else asked
     have, want = read_record(path), record(stage, scfg)
@@ -212,23 +206,36 @@ def check_reuse(stage, cfg, asked=None):
 
 
 def ensure_stage(stage, cfg):
-    """The path of stage's output, built first if missing: with cfg's settings when cfg is that stage's script's
-    Config, else with the defaults of cfg's preset. An existing output is reused only as check_reuse allows."""
+    """The path of stage's output, built first (with stage_config(stage, cfg)) if missing, or reused as check_reuse
+    allows."""
     path = output_path(stage, cfg.out_dir)
     if os.path.exists(path):
         check_reuse(stage, cfg)
         return path
     print(f"== {path} is missing: running stage {stage!r} first")
     build = getattr(importlib.import_module(CHAIN[stage][0]), BUILDERS[stage])
+    t0, before = time.time(), sum(BUILT.values())
     build(stage_config(stage, cfg))
+    BUILT[stage] = time.time() - t0 - (sum(BUILT.values()) - before)  # its own time: the stages it built left out
     return path
 
 
+BUILT = {}  # stage -> the seconds its build took in this process, for time_lines
+
+
+def time_lines(cfg, stage, seconds):
+    """The closing lines of a run (seconds long) that built earlier stages on its way: one a stage with the time it
+    took, also written to <out_dir>/<stage>/times.json (notebooks/experiments/results.py --time reads it)."""
+    times = {**BUILT, stage: seconds - sum(BUILT.values())}
+    print("\n".join(f"time | {name:<9} | {s / 60:5.1f} min" for name, s in {**times, "total": seconds}.items()))
+    if rank() == 0:
+        with atomic_write(os.path.join(cfg.out_dir, stage, "times.json")) as f:
+            json.dump({"seconds": times, "total": seconds, "threads": torch.get_num_threads()}, f, indent=1)
+
+
 # ----------------------------------------------------------------------------- judging a scorer against the gold human
-# The reward model's report (reward.evaluate_reward_model), and the same questions of any scorer the experiments try.
 
 def pearson(x, y):
-    """The correlation of two lists of numbers."""
     x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
     x, y = x - x.mean(), y - y.mean()
     return float((x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-12))
@@ -247,9 +254,8 @@ def expected_accuracy(gold_gaps, chosen_scores, rejected_scores, tau):
 
 
 def accuracy_by_term(pairs, chosen_scores, rejected_scores):
-    """Which gold term decides each pair (its difference is the largest), and on the pairs each term decides, how
-    often the reward model and the labels agree with the gold order. Pairs the gold human ties are left out.
-    Returns {term: {"pairs": n, "rm": agreement, "labels": agreement}}: where a reward model is blind."""
+    """Which gold term decides each pair (its difference is the largest), and on the pairs each term decides how
+    often the scorer and the labels agree with the gold order (ties left out): {term: {"pairs", "rm", "labels"}}."""
     rows = {}
     for p, r_w, r_l in zip(pairs, chosen_scores, rejected_scores):
         t_w, t_l = data.gold_terms(p["prompt"], p["chosen"]), data.gold_terms(p["prompt"], p["rejected"])
@@ -266,8 +272,7 @@ def accuracy_by_term(pairs, chosen_scores, rejected_scores):
 
 
 def other_prompts(prompts):
-    """For each prompt, the next one in the list that asks for none of the same names, animals and places (and so
-    for something else): the prompt a response is scored under in prompt_swap."""
+    """For each prompt, the next one in the list that asks for none of its names, animals and places (prompt_swap)."""
     out = []
     for i, p in enumerate(prompts):
         want = set(data.requested(p))
@@ -276,10 +281,9 @@ def other_prompts(prompts):
 
 
 def prompt_swap(score_fn, pairs):
-    """Does a scorer read the prompt? Each pair (prompt, a, b) is ordered by the gold human under its own prompt;
-    a scorer score_fn(prompts, responses) -> (N,) is asked to order it under its own prompt and under another that
-    asks for something else (other_prompts). A prompt-blind scorer orders both alike: its agreement does not drop.
-    The gold human's own drop is the most a scorer that reads the prompt as it does can show. Gold ties are skipped.
+    """Does a scorer read the prompt? score_fn(prompts, responses) -> (N,) orders each pair under its own prompt and
+    under one that asks for something else (other_prompts): a prompt-blind scorer's agreement with the gold order
+    does not drop, and the gold human's own drop is the most a scorer can show. Gold ties are skipped.
     Returns {"right", "swapped", "drop", "gold_swapped", "gold_drop", "pairs"}; agreements count ties half."""
     gaps = [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in pairs]
     pairs, gaps = [p for p, g in zip(pairs, gaps) if g != 0], [g for g in gaps if g != 0]
@@ -300,9 +304,8 @@ def prompt_swap(score_fn, pairs):
 
 @functools.lru_cache(maxsize=None)
 def longest_prompt_tokens():
-    """Tokens in the longest prompt random_task can make, for the scripts' check that a prompt and a response fit
-    block_size. A word's tokens do not depend on its neighbours (the pre-tokenizer splits at spaces and
-    punctuation), so a template filled slot by slot with the word that adds the most tokens is its longest prompt."""
+    """Tokens in the longest prompt data.random_task can make. A word's tokens do not depend on its neighbours (the
+    pre-tokenizer splits at spaces), so each template filled slot by slot with its longest word is its longest."""
     slots = dict(N=data.NAMES, A=data.ANIMALS, P=data.PLACES, adj=data.ADJS)  # random_task's slots and their words
     longest = 0
     for instruction, input in [(t, "") for t in data.INSTRUCTIONS] + [(data.CONTINUE, t) for t in data.OPENINGS]:
@@ -315,8 +318,7 @@ def longest_prompt_tokens():
 
 
 def enough_prompts(cfg, field, split, seed):
-    """A check row: data.tasks can draw the field's number of distinct prompts of split (it says how many there are
-    when it cannot)."""
+    """A check row: data.tasks can draw the field's number of distinct prompts of split."""
     try:
         data.tasks(split, getattr(cfg, field), seed)
         return field, True, ""
@@ -325,8 +327,7 @@ def enough_prompts(cfg, field, split, seed):
 
 
 def max_new_tokens_fit(cfg, block_size, where):
-    """The check row of max_new_tokens: the world's longest prompt, the response and the EOT the reward model reads
-    after a response that was cut off fit block_size."""
+    """The check row of max_new_tokens: the longest prompt, the response and an EOT after it fit block_size."""
     P = longest_prompt_tokens()
     # P + max_new_tokens + 1 <= block_size
     return "max_new_tokens", P + cfg.max_new_tokens + 1 <= block_size, \
@@ -334,8 +335,7 @@ def max_new_tokens_fit(cfg, block_size, where):
 
 
 def fits_sft_model(cfg):
-    """max_new_tokens_fit for a later stage, against the block_size of the SFT model its preset builds. A checkpoint
-    trained with another --block_size is checked only when it is used (GPT.trunk raises, in one line)."""
+    """max_new_tokens_fit for a later stage, against the block_size of the SFT model its preset builds."""
     sft = importlib.import_module("sft")
     block_size = dataclasses.replace(sft.Config(), **sft.PRESETS[cfg.preset]).block_size
     return max_new_tokens_fit(cfg, block_size, f"block_size {block_size} of the {cfg.preset} preset's SFT model")

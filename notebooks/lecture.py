@@ -49,9 +49,10 @@ def quiet():
 
 
 def running_mean(values, k=5):
-    """Mean of the last k values at each step (the first windows are shorter): per-step losses and rollout means
-    are noisy from step to step."""
-    windows = [values[max(0, i - k + 1):i + 1] for i in range(len(values))]
+    """Centred running mean: at each step, the mean of the k values around it (k // 2 before, the rest after; the
+    windows at the ends are shorter), so the smooth curve does not lag the raw one it is drawn over."""
+    before, after = k // 2, k - 1 - k // 2
+    windows = [values[max(0, i - before):i + after + 1] for i in range(len(values))]
     return [sum(w) / len(w) for w in windows]
 
 

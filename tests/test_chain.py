@@ -3,6 +3,7 @@ Each stage records what it was built from (stages.record), and a later stage reu
 asks for (stages.check_reuse): the issue's cases, each with a tiny pretrain -> sft chain.
 """
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -123,3 +124,36 @@ def test_ppo_from_rejection_sampling_records_that_parent_too(chain):
     from_rs = stages.record("ppo", ppo.Config(out_dir=cfg.out_dir, preset="small", init="rejection"))
     assert "rejection" not in from_sft["parents"] and from_sft["settings"]["init"] == "sft"
     assert from_rs["parents"]["rejection"] == stages.record_id(stub) and from_rs["settings"]["init"] == "rejection"
+
+
+def test_the_chain_times_each_stage_it_builds_on_its_own(tmp_path, monkeypatch, capsys):
+    """Each stage's time leaves out the stages it built first: with a clock that ticks 10 s a read, building sft
+    (which builds pretrain first) records each stage's own seconds, and time_lines prints one line a stage, the
+    run's own stage and the total, and keeps them in <out_dir>/<stage>/times.json."""
+    monkeypatch.setattr(stages, "BUILT", {})
+    ticks = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(stages.time, "time", lambda: float(next(ticks)))
+    cfg = ppo.Config(out_dir=str(tmp_path), preset="small", device="cpu")
+    built = []
+
+    def fake_build(name, inner=None):
+        def build(stage_cfg):
+            built.append(name)
+            if inner:
+                stages.ensure_stage(inner, cfg)
+            os.makedirs(os.path.dirname(stages.output_path(name, cfg.out_dir)), exist_ok=True)
+            open(stages.output_path(name, cfg.out_dir), "w").close()
+        return build
+    monkeypatch.setattr(sft, "pretrain", fake_build("pretrain"))
+    monkeypatch.setattr(sft, "sft", fake_build("sft", inner="pretrain"))
+    monkeypatch.setattr(stages, "stage_config", lambda stage, cfg: cfg)
+    stages.ensure_stage("sft", cfg)
+    assert built == ["sft", "pretrain"]
+    # sft: read at 0 and 30, pretrain within it at 10 and 20: pretrain 10 s, sft 30 - 10 = 20 s of its own
+    assert stages.BUILT == {"pretrain": 10.0, "sft": 20.0}
+    stages.time_lines(cfg, "ppo", 90.0)
+    lines = capsys.readouterr().out.splitlines()[-4:]
+    assert [line.split(" | ")[1].strip() for line in lines] == ["pretrain", "sft", "ppo", "total"]
+    with open(os.path.join(cfg.out_dir, "ppo", "times.json")) as f:
+        record = json.load(f)
+    assert record["seconds"] == {"pretrain": 10.0, "sft": 20.0, "ppo": 60.0} and record["total"] == 90.0

@@ -70,11 +70,18 @@ def test_plot_overoptimization_draws_gold_and_proxy_on_axes_of_their_own():
     proxy_ax = frontier.plot_overoptimization({"setting": "beta=0", "history": history}, ax)
     (gold_raw, gold), (proxy_raw, proxy) = ax.get_lines(), proxy_ax.get_lines()  # gold reward and RM score: two units
     assert list(proxy.get_xdata()) == lecture.running_mean([float(i) for i in range(8)])
-    assert list(gold.get_ydata())[:2] == [10.0, 9.5]  # the first window has one value, the second two
+    assert list(gold.get_ydata())[:2] == [9.0, 8.5]  # centred windows of 5: the first has 3 values, the second 4
     assert list(gold_raw.get_ydata()) == [float(10 - i) for i in range(8)] and gold_raw.get_alpha() == 0.25
     assert list(proxy_raw.get_ydata()) == [float(i) for i in range(8)] and proxy_raw.get_alpha() == 0.25
     assert "gold" in ax.get_ylabel() and "RM score" in proxy_ax.get_ylabel() and "nats" in ax.get_xlabel()
     assert "beta=0" in ax.get_title()
+    plt.close(fig)
+    # rollouts whose KL goes back and forth: the curves are smoothed along the KL axis, so they never loop back
+    wobbly = [dict(step=i, kl=float(k), score=float(i), gold=float(-i)) for i, k in enumerate([0, 3, 1, 4, 2, 6, 5])]
+    fig, ax = plt.subplots()
+    frontier.plot_overoptimization({"setting": "beta=0", "history": wobbly}, ax)
+    xs = list(ax.get_lines()[1].get_xdata())
+    assert xs == sorted(xs) and list(ax.get_lines()[0].get_xdata()) == [0, 1, 2, 3, 4, 5, 6]
     plt.close(fig)
 
 

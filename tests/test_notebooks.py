@@ -115,6 +115,9 @@ def test_quiet_keeps_a_training_functions_step_log_and_hands_it_back(capsys):
 
 def test_running_mean_and_its_default_window():
     assert lecture.running_mean([1, 3, 5, 7], k=2) == [1, 2, 4, 6]  # the first window is shorter
+    assert lecture.running_mean([1, 3, 5, 7, 9], k=3) == [2, 3, 5, 7, 8]  # centred: the windows around each step
+    ramp = [float(i) for i in range(20)]
+    assert lecture.running_mean(ramp, k=5)[2:-2] == ramp[2:-2]  # a straight line is not delayed: no lag
     assert lecture.running_mean([4.0]) == [4.0]
     assert [lecture.window(n) for n in (1, 24, 60, 1500)] == [2, 2, 4, 100]
 

@@ -16,20 +16,45 @@ def record():
         return json.load(f)
 
 
-def test_readme_table_is_rendered_from_the_shipped_record(record):
+def test_readme_table_and_time_are_rendered_from_the_shipped_records(record):
     with open(results.README) as f:
         readme = f.read()
-    table = results.readme_table(record, results.optional_record(results.PROCESSES),
-                                 results.optional_record(results.CHAIN_TIME))
-    assert results.with_table(readme, table) == readme, \
-        "README.md's results table differs from the shipped runs: run python notebooks/experiments/results.py"
+    assert results.rendered_readme(readme, record) == readme, \
+        "README.md's table or time differs from the shipped runs: run python notebooks/experiments/results.py"
+
+
+@pytest.mark.parametrize("name", list(results.LECTURES))
+def test_each_lectures_run_time_is_rendered_from_the_records(record, name):
+    path = os.path.join(ROOT, "notebooks", f"{name}.ipynb")
+    with open(path) as f:
+        stored = f.read()
+    assert results.rendered_lecture(path, record, results.optional_record(results.FRONTIER)) == stored, \
+        f"{name}'s run-time line differs from the records: run python notebooks/experiments/results.py"
+
+
+def test_readme_table_reads_at_a_glance(record):
+    """At most five columns and rows of at most 120 characters (the second preset and the provenance are
+    RESULTS.md's), one row a method that ran."""
+    lines = results.readme_table(record).splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert all(line.count("|") - 1 <= 5 for line in table)
+    assert max(map(len, table)) <= 120
+    assert len(table) == 2 + len(results.METHODS)
+
+
+def test_readme_time_names_the_slowest_machine_first():
+    line = results.readme_time([{"seconds": 600.0, "machine": "Intel X, 2 cores, all threads"},
+                                {"seconds": 900.0, "machine": "AMD Y, 2 cores, all threads"}])
+    assert line.index("15.0 minutes on AMD Y") < line.index("10.0 minutes on Intel X")
 
 
 def test_results_page_is_rendered_from_the_shipped_record(record):
     with open(results.PAGE) as f:
         assert f.read() == results.results_page(record, results.optional_record(results.LEVERS),
-                                                     results.optional_record(results.LEVERS_BEFORE),
-                                                     results.optional_record(results.RECIPE_BEFORE)), \
+                                                results.optional_record(results.LEVERS_BEFORE),
+                                                results.optional_record(results.RECIPE_BEFORE),
+                                                results.optional_record(results.PROCESSES),
+                                                results.optional_record(results.CHAIN_TIME)), \
             "run python notebooks/experiments/results.py"
 
 
@@ -42,6 +67,8 @@ def test_the_record_has_three_seeds_of_every_method(record):
 
 def test_cell_is_the_mean_and_range():
     assert results.cell([0.5, 0.7, 0.6], ".2f") == "0.60 (0.50 to 0.70)"
+    assert results.compact_cell([0.5, 0.7, 0.6], ".2f") == "0.60 [0.50, 0.70]"
+    assert results.compact_cell([1.84, 1.84], ".2f") == "1.84"  # every seed the same: the number alone
     assert results.cell([1.25], "+.1f") == "+1.2" or results.cell([1.25], "+.1f") == "+1.3"
     assert results.cell([], ".2f") == "-"
     assert results.number(-0.001, ".2f") == "0.00"  # no "-0.00"
@@ -91,7 +118,7 @@ def test_recipe_change_says_when_the_samples_differ():
 
 def test_missing_markers_are_one_clear_error():
     with pytest.raises(ValueError, match="markers"):
-        results.with_table("# a README without them\n", "| table |")
+        results.with_block("# a README without them\n", "| table |")
 
 
 def test_merge_adds_seeds_and_names_each_rows_machine():

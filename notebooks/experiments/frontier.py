@@ -107,15 +107,16 @@ def betas(text, allowed):
 def plot_frontier(rows, ax):
     """The reward-KL frontier on a matplotlib Axes: one line per method through its points in KL order, each point
     labelled with its setting (beta=0.3, N=4) in the line's colour; SFT's setting "-" is left unlabelled."""
-    for method, kls, golds, settings in frontier_series(rows):
+    for m, (method, kls, golds, settings) in enumerate(frontier_series(rows)):
         line, = ax.plot(kls, golds, marker="o", label=method)
-        for kl, gold, setting in zip(kls, golds, settings):
-            if setting != "-":
-                ax.annotate(setting, (kl, gold), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                            color=line.get_color())
+        for i, (kl, gold, setting) in enumerate(zip(kls, golds, settings)):
+            if setting != "-":  # above the point or below it, alternating along a line and between lines
+                ax.annotate(setting, (kl, gold), textcoords="offset points", fontsize=7, color=line.get_color(),
+                            xytext=(5, 5) if (i + m) % 2 == 0 else (5, -11))
     ax.set(xlabel="KL(pi || pi_sft) (nats)", ylabel="gold reward (mean over held-out prompts)",
-           title="Reward-KL frontier: gold reward bought per nat of KL")
+           title="Reward-KL frontier: gold reward against KL to SFT")
     ax.margins(x=0.1, y=0.08)  # room for the labels of the outermost points
+    ax.set_xlim(left=-0.03 * max(r["kl"] for r in rows))  # KL >= 0: the axis starts just left of SFT
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside the axes: it would hide points
 
@@ -124,7 +125,7 @@ def plot_overoptimization(overopt, ax):
     """Gao et al.'s picture on a matplotlib Axes: the gold reward (left axis) and the RM score (the proxy, right
     axis: another unit) of the rollouts against their KL, each step a faint dot and the 5-step running means
     (lecture.running_mean) as lines. overopt: results["overoptimization"]. Returns the right-hand Axes."""
-    history = overopt["history"]
+    history = sorted(overopt["history"], key=lambda h: h["kl"])  # smoothed along the KL axis: the curves never loop
     kls = lecture.running_mean([h["kl"] for h in history])
     proxy_ax = ax.twinx()
     curves = [(ax, "gold", "C1", "gold reward", "gold reward of the rollouts"),
@@ -133,12 +134,13 @@ def plot_overoptimization(overopt, ax):
     for axis, key, color, label, ylabel in curves:
         values = [h[key] for h in history]
         axis.plot([h["kl"] for h in history], values, ".", alpha=0.25, color=color)
-        handles += axis.plot(kls, lecture.running_mean(values), color=color, label=f"{label}, 5-step mean")
+        handles += axis.plot(kls, lecture.running_mean(values), color=color,
+                             label=f"{label}, mean of 5 steps nearest in KL")
         axis.set_ylabel(ylabel, color=color)
     ax.set(xlabel="KL(pi || pi_sft) of the rollouts (nats)",
            title=f"Over-optimisation: PPO, {overopt['setting']}: gold and proxy against KL")
     ax.grid(alpha=0.3)
-    ax.legend(handles=handles, loc="lower right")
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: hides no point
     return proxy_ax
 
 

@@ -21,9 +21,10 @@ import platform
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 
-from checks import change_table, checks_line, checks_table, drop_share, gap
+from checks import change_table, checks_line, checks_table, drop_share, gap, judged
 from rm_levers import BEFORE_NOTE, BEFORE_TITLE, levers_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,8 +39,10 @@ LEVERS = os.path.join(HERE, "figures", "rm_levers.json")  # notebooks/experiment
 # the levers measured on the chains before the reward model took graded labels and the twin curriculum: what
 # decided that recipe (its `recipe` rows are the reward model before it)
 LEVERS_BEFORE = os.path.join(HERE, "figures", "rm_levers_before.json")
+FRONTIER = os.path.join(HERE, "figures", "frontier_results.json")  # notebooks/experiments/frontier.py's, shipped
 RECIPE_BEFORE = os.path.join(HERE, "figures", "seeds_before.json")  # the small preset's seeds of earlier recipes
 BEGIN, END = "<!-- results: rendered by notebooks/experiments/results.py -->", "<!-- /results -->"
+TIME_BEGIN, TIME_END = "<!-- time: rendered by notebooks/experiments/results.py -->", "<!-- /time -->"
 BON_N = 16  # the best-of-N row of the table
 
 # (key of a seed's row, the method's name in the table)
@@ -85,13 +88,17 @@ def sentence(words):
 def method_numbers(seed_row, key):
     """{gold_reward, follow_rate, kl, win_rate_vs_sft} of one method on one seed, None when it was not run. SFT is
     scored as PPO scores it: on the 256 held-out prompts, whose first reward.Config.bon_prompts samples are where
-    best-of-N starts from."""
+    best-of-N starts from. Where the seed has them (seeds.expectations: SFT, PPO, DPO), the follow rate, KL and win
+    rate are the expectations over several samples a prompt that the checks judge, so each number has one source."""
     if key == "sft":
         p = seed_row["ppo"]
-        return dict(gold_reward=p["gold_reward_sft"], follow_rate=p["follow_rate_sft"], kl=0.0, win_rate_vs_sft=0.5)
-    if key == "best_of_n":
-        return next((b for b in seed_row["best_of_n"] if b["n"] == BON_N), None)
-    return seed_row.get(key)
+        numbers = dict(gold_reward=p["gold_reward_sft"], follow_rate=p["follow_rate_sft"], kl=0.0, win_rate_vs_sft=0.5)
+    elif key == "best_of_n":
+        numbers = next((b for b in seed_row["best_of_n"] if b["n"] == BON_N), None)
+    else:
+        numbers = seed_row.get(key)
+    expected = seed_row.get("expected", {}).get(key, {})
+    return None if numbers is None else {**numbers, **{m: expected[m] for m, _, _ in METRICS if m in expected}}
 
 
 def spread(values):
@@ -149,16 +156,97 @@ def time_chain():
         subprocess.run([sys.executable, "ppo.py", f"--out_dir={out}"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         seconds = time.time() - t0
-    record = {"seconds": round(seconds, 1), "machine": f"{cpu_model()}, {os.cpu_count()} cores, all threads"}
+        with open(os.path.join(out, "ppo", "times.json")) as f:  # each stage's own time, as the run printed it
+            stages = {k: round(v, 1) for k, v in json.load(f)["seconds"].items()}
+    record = {"seconds": round(seconds, 1), "machine": f"{cpu_model()}, {os.cpu_count()} cores, all threads",
+              "stages": stages}
     others = [r for r in optional_record(CHAIN_TIME) or [] if r["machine"] != record["machine"]]
     with open(CHAIN_TIME, "w") as f:
         json.dump(others + [record], f, indent=1)
     return record
 
 
+SHORT = {"rejection": "rejection sampling", "oracle": "PPO on the gold human"}  # the README's names, where shorter
+
+
+def compact_cell(values, spec):
+    """'mean [min, max]' of values formatted with spec, or the mean alone when every seed gives the same number."""
+    mean, lo, hi = (number(x, spec) for x in spread(values))
+    return mean if lo == hi else f"{mean} [{lo}, {hi}]"
+
+
 def readme_table(record, processes=None, chain_time=None):
-    """The README's table: each method on the small preset (mean and range over its seeds), the medium preset's
-    columns beside them when the record has it, and a line on the seeds, the machine and the time; with processes
+    """The README's table, read at a glance: each method on the small preset, mean [min, max] over its seeds, in
+    five columns; then a line on the seeds and the machine, and one on the checks judged on the worst seed. The
+    medium preset, the settings, the times and the provenance are RESULTS.md's (full_table)."""
+    rows = record["small"]["seeds"]
+    lines = ["| method | " + " | ".join(name for _, _, name in METRICS) + " |", "| --- |" + " ---: |" * len(METRICS)]
+    for key, name in METHODS:
+        if column(record, "small", key, "gold_reward"):
+            cells = [compact_cell(column(record, "small", key, m), spec) for m, spec, _ in METRICS]
+            lines.append(f"| {SHORT.get(key, name)} | {' | '.join(cells)} |")
+    verdicts = judged(rows)
+    short = [f"{what} {op} {bound:g}" for what, op, bound, _, _, ok in verdicts if not ok]
+    samples = {r["expected"]["samples"] for r in rows if "expected" in r}
+    lines += ["", textwrap.fill(
+        f"Mean [min, max] over {len(rows)} seeds ({', '.join(str(r['seed']) for r in rows)}), each a whole chain "
+        f"from pretraining on, on {machines(rows)}"
+        + (f"; SFT's, PPO's and DPO's follow rates, KLs and win rates are expectations over {samples.pop()} samples "
+           f"a prompt, the other methods' one sample a prompt" if len(samples) == 1 else "") + f". On the worst seed, {len(verdicts) - len(short)} of the "
+        f"{len(verdicts)} checks of the claim hold" + (f"; short: {'; '.join(short)}" if short else "")
+        + ". Every seed, the medium preset and how each was run: [RESULTS.md](notebooks/experiments/RESULTS.md).",
+        120)]
+    return "\n".join(lines)
+
+
+# what each lecture asks to run first, and the stages that command builds from nothing
+LECTURES = {"01_pretraining": (["python sft.py"], ("pretrain", "sft")),
+            "02_sft": (["python sft.py"], ("pretrain", "sft")),
+            "03_reward_model": (["python reward.py --stage=best_of_n"], ("pretrain", "sft", "pairs", "reward", "best_of_n")),
+            "04_ppo": (["python ppo.py"], CHAIN),
+            "05_dpo": (["python dpo.py"], ("pretrain", "sft", "pairs", "dpo")),
+            "06_frontier": (["python ppo.py", "python dpo.py", "python reward.py --stage=rejection",
+                             "python reward.py --stage=best_of_n"], CHAIN + ("dpo", "rejection", "best_of_n"))}
+
+
+def lecture_time(record, name, frontier=None):
+    """A lecture's line on what its first command took, from the seeds' records (each stage's seconds, mean over
+    the small preset's seeds); 06's adds the frontier sweep's own time (frontier_results.json's seconds)."""
+    commands, stages = LECTURES[name]
+    rows = record["small"]["seeds"]
+    line = (f"Measured: {', then '.join(f'`{c}`' for c in commands)} took {minutes(rows, stages):.1f} minutes from nothing, the mean over the "
+            f"{len(rows)} seeds of [RESULTS.md](experiments/RESULTS.md) on {machines(rows)} while other runs shared "
+            f"the cores (all threads on an idle machine is faster; the README gives `python ppo.py`'s time so).")
+    if frontier and frontier.get("seconds"):
+        line += (f" The sweep `python notebooks/experiments/frontier.py` took {frontier['seconds'] / 60:.0f} minutes "
+                 f"on one such machine.")
+    return textwrap.fill(line, 115)
+
+
+def rendered_lecture(nb_path, record, frontier=None):
+    """The notebook's JSON text with its first cell's time line rendered between the time markers."""
+    with open(nb_path) as f:
+        nb = json.load(f)
+    name = os.path.basename(nb_path)[:-len(".ipynb")]
+    first = nb["cells"][0]
+    text = with_block("".join(first["source"]), lecture_time(record, name, frontier), TIME_BEGIN, TIME_END)
+    first["source"] = text.splitlines(keepends=True)
+    return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+
+
+def readme_time(chain_time):
+    """The README's line beside the commands: how long `python ppo.py` takes from nothing, slowest machine first."""
+    if not chain_time:
+        return "`python ppo.py` has not been timed from nothing yet (`python notebooks/experiments/results.py --time`)."
+    runs = sorted(chain_time, key=lambda r: -r["seconds"])
+    took = "; ".join(f"{r['seconds'] / 60:.1f} minutes on {r['machine'].split(',')[0]}" for r in runs)
+    return textwrap.fill(f"From nothing, `python ppo.py` takes {took} (2 cores, all threads, nothing else running; "
+                         f"the slowest machine measured first).", 120)
+
+
+def full_table(record, processes=None, chain_time=None):
+    """RESULTS.md's first table: each method on both presets (mean and range over its seeds), a line on each
+    preset's seeds, settings, machine and time, the checks, the chain's time from nothing; with processes
     (notebooks/experiments/benchmark.py --processes's record), a line on N processes against one."""
     presets = [p for p in ("small", "medium") if record.get(p, {}).get("seeds")]
     head = [f"{name}{', ' + p if len(presets) > 1 else ''}" for p in presets for _, _, name in METRICS]
@@ -249,7 +337,7 @@ def method_columns(key):
             ("KL (nats)", get("kl"), ".3f"), ("win rate vs SFT", get("win_rate_vs_sft"), ".3f")]
 
 
-def results_page(record, levers=None, before=None, recipe_before=None):
+def results_page(record, levers=None, before=None, recipe_before=None, processes=None, chain_time=None):
     """notebooks/experiments/RESULTS.md: the full record behind the README's table; with levers (notebooks/experiments/rm_levers.py's
     results), before (the levers on the chains before the recipe changed) and recipe_before (the seeds of earlier
     recipes, RECIPE_BEFORE), a section on each."""
@@ -257,7 +345,10 @@ def results_page(record, levers=None, before=None, recipe_before=None):
            "Rendered by `python notebooks/experiments/results.py` from `notebooks/experiments/figures/seeds.json`, which "
            "`python notebooks/experiments/seeds.py` writes (each seed a whole chain of its own: pretraining, SFT, pairs, reward "
            "model, best-of-N, rejection sampling, PPO, PPO on the gold human, DPO). Do not edit by hand: "
-           "`tests/test_results.py` fails when this page differs from what the script renders.", ""]
+           "`tests/test_results.py` fails when this page differs from what the script renders.", "",
+           "## Every method on both presets", "",
+           "Each cell is the mean (worst to best) over a preset's seeds; the README shows the small preset's.", "",
+           full_table(record, processes, chain_time), ""]
     for preset in ("small", "medium"):
         if preset not in record:
             continue
@@ -329,8 +420,10 @@ def plot_results(record, ax, preset="small"):
     for n, k, g in zip(ns, kls, golds):
         ax.annotate(f"N={n}", (k, g), textcoords="offset points", xytext=(3, -10), fontsize=8, color="grey")
     ppo_run, dpo_run = rows[0]["settings"]["ppo"], rows[0]["settings"]["dpo"]
-    setting = {"ppo": f"KL target {ppo_run['target_kl']:g}" if ppo_run["adaptive_kl"]  # the legend names each
-               else f"beta={ppo_run['kl_coef']:g}", "dpo": f"beta={dpo_run['beta']:g}"}  # method's setting
+    adaptive = ppo_run["adaptive_kl"] and ppo_run.get("kl_coef_floor", 0) == 1  # beta starts at its floor
+    setting = {"ppo": f"beta={ppo_run['kl_coef']:g}" + (f", raised above a KL of {ppo_run['target_kl']:g}" if adaptive
+                                                         else " (adaptive)" if ppo_run["adaptive_kl"] else ""),
+               "dpo": f"beta={dpo_run['beta']:g}"}  # the legend names each method's setting
     for key, name in METHODS:
         if key == "best_of_n" or not column(record, preset, key, "kl"):
             continue
@@ -338,7 +431,7 @@ def plot_results(record, ax, preset="small"):
         ax.errorbar([k], [g], xerr=[[k - klo], [khi - k]], yerr=[[g - glo], [ghi - g]], fmt="o", capsize=3,
                     label=f"{name}, {setting[key]}" if key in setting else name)
     ax.set(xlabel="KL(pi || pi_sft) on its own samples (nats)", ylabel="gold reward, held-out prompts",
-           title=f"What each method buys per nat ({preset} preset, {len(rows)} seeds: mean and range)")
+           title=f"Gold reward against KL to SFT ({preset} preset, {len(rows)} seeds: mean and range)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
 
@@ -356,12 +449,19 @@ def write_figure(record, path=FIGURE):
 
 # ----------------------------------------------------------------------------- main
 
-def with_table(readme, table):
-    """README text with the rendered table between its markers (a ValueError when the markers are missing)."""
-    if BEGIN not in readme or END not in readme:
-        raise ValueError(f"{README}: no {BEGIN} ... {END} markers to put the table between")
-    head, rest = readme.split(BEGIN, 1)
-    return f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}"
+def with_block(readme, text, begin=BEGIN, end=END):
+    """README text with a rendered block between its markers (a ValueError when the markers are missing)."""
+    if begin not in readme or end not in readme:
+        raise ValueError(f"{README}: no {begin} ... {end} markers to put the rendered text between")
+    head, rest = readme.split(begin, 1)
+    return f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}"
+
+
+def rendered_readme(readme, record):
+    """The README with its two rendered blocks, the time beside the commands and the results table, as they stand."""
+    chain_time = optional_record(CHAIN_TIME)
+    readme = with_block(readme, readme_time(chain_time), TIME_BEGIN, TIME_END)
+    return with_block(readme, readme_table(record, optional_record(PROCESSES), chain_time))
 
 
 def collect(out_dir):
@@ -436,10 +536,16 @@ def main():
     with open(README) as f:
         readme = f.read()
     with open(README, "w") as f:
-        f.write(with_table(readme, readme_table(record, optional_record(PROCESSES), optional_record(CHAIN_TIME))))
+        f.write(rendered_readme(readme, record))
+    frontier = optional_record(FRONTIER)
+    for name in LECTURES:
+        path = os.path.join(os.path.dirname(HERE), f"{name}.ipynb")
+        text = rendered_lecture(path, record, frontier)
+        with open(path, "w") as f:
+            f.write(text)
     with open(PAGE, "w") as f:
         f.write(results_page(record, optional_record(LEVERS), optional_record(LEVERS_BEFORE),
-                             optional_record(RECIPE_BEFORE)))
+                             optional_record(RECIPE_BEFORE), optional_record(PROCESSES), optional_record(CHAIN_TIME)))
     write_figure(record)
     print(f"rendered {README}, {PAGE} and {FIGURE} from {RECORD}")
 
