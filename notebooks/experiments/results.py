@@ -231,7 +231,7 @@ def rendered_lecture(nb_path, record, frontier=None):
     first = nb["cells"][0]
     text = with_block("".join(first["source"]), lecture_time(record, name, frontier), TIME_BEGIN, TIME_END)
     first["source"] = text.splitlines(keepends=True)
-    return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"  # as nbformat.write stores it
 
 
 def readme_time(chain_time):
