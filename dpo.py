@@ -66,12 +66,12 @@ class Config(StageConfig):
     """also train on the retold twin pairs (reward.is_twin: a sample and the same story told about someone else),
     which the reward model's curriculum starts from. Off: only pairs of two responses sampled for their prompt, the
     data DPO assumes (pi_ref's own, Section 4); a twin is a story pi_ref tells about someone else, and pushing its
-    log-probability down for this prompt cost the grammar of every story (notebooks/experiments/RESULTS.md, "How the recipe
-    came to be")"""
+    log-probability down for this prompt cost the grammar of every story (notebooks/experiments/RESULTS.md, "How
+    the recipe came to be")"""
     steps: int = 240
     """optimizer steps: on the sampled pairs alone (twins off) DPO moves less per step, and at 120 steps it stayed
-    well inside the KL that PPO spends while its win rate over SFT fell short (notebooks/experiments/RESULTS.md, "How the
-    recipe came to be")"""
+    well inside the KL that PPO spends while its win rate over SFT fell short (notebooks/experiments/RESULTS.md,
+    "How the recipe came to be")"""
     batch_size: int = 16
     """preference pairs per step (2 * batch_size sequences in one forward)"""
     lr: float = 1e-4
@@ -140,14 +140,6 @@ def collate(pairs_t, device):
     ids = data.pad_right([e[0] for e in examples], data.special(data.PAD))  # (2B, T)
     labels = data.pad_right([e[1] for e in examples], -1)  # (2B, T)
     return to_device(ids, device), to_device(labels, device)
-
-
-def split_by_prompt(pairs, val_frac, seed):
-    """(train, val): every pair of a held-out prompt goes to val, so val accuracy is on unseen prompts."""
-    prompts = sorted({p["prompt"] for p in pairs})
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[:int(len(prompts) * val_frac)])
-    return [p for p in pairs if p["prompt"] not in held], [p for p in pairs if p["prompt"] in held]
 
 
 @torch.no_grad()
@@ -241,7 +233,7 @@ def train(cfg, policy=None, ref=None):
     policy = load_model(sft_path, device) if policy is None else policy.to(device)
     ref = load_model(sft_path, device) if ref is None else ref.to(device)  # pi_ref: the frozen SFT model
     ref.requires_grad_(False)
-    train_pairs, val_pairs = split_by_prompt(pairs, cfg.val_frac, cfg.seed)
+    train_pairs, val_pairs = stages.split_by_prompt(pairs, cfg.val_frac, cfg.seed)
     train_t = pair_tensors(train_pairs, policy.config.block_size)
     val_t = pair_tensors(val_pairs, policy.config.block_size)
     if not train_t:
@@ -276,8 +268,8 @@ def check(cfg):
     yield from positive(cfg, "steps", "batch_size", "lr", "eval_every", "eval_prompts", "max_new_tokens")
     yield from non_negative(cfg, "warmup", "weight_decay", "nll_coef")
     yield interval(cfg, "val_frac", "[0, 1)")
-    yield stages.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
-    yield stages.fits_sft_model(cfg)
+    yield sft.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
+    yield sft.fits_sft_model(cfg)
 
 
 def main():

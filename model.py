@@ -39,7 +39,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     causal: bool = True  # False: bidirectional attention, for the masked-LM objective
-    readout: str = "last"  # a reward model's score (reward.rm_scores): the "last" real token's, or the "mean" over
+    readout: str = "last"  # a reward model's score (rm_scores): the "last" real token's, or the "mean" over
     #                        the response's tokens; saved with the model, so an older reward model reads as it trained
     attention: str = "fused"  # "fused": F.scaled_dot_product_attention; "manual": the equation written out
 
@@ -252,7 +252,7 @@ def sequence_logps(model, ids, labels):
 
 class ScalarHeadModel(nn.Module):
     """The GPT trunk with a linear head: one scalar per position (B, T). The reward model reads it at the last
-    real token or as its mean over the response (config.readout, reward.rm_scores); the PPO critic reads it at
+    real token or as its mean over the response (config.readout, rm_scores); the PPO critic reads it at
     every response position."""
 
     def __init__(self, config):
@@ -272,6 +272,20 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, idx, attention_mask=None):
         return self.head(self.gpt.trunk(idx, attention_mask)).squeeze(-1).float()  # (B, T)
+
+
+def rm_scores(rm, ids, attention_mask, response_start):
+    """The score of each row (B,), as rm.config.readout says: the value at the last real token, or the mean over the
+    response. ids, attention_mask (B, T); response_start: each row's first response column, (B,) or a number."""
+    values = rm(ids, attention_mask)  # (B, T)
+    if rm.config.readout == "last":
+        last = attention_mask.size(1) - 1 - attention_mask.long().flip(1).argmax(1)  # (B,) last index where mask is 1
+        return values.gather(1, last[:, None]).squeeze(1)
+    columns = torch.arange(ids.size(1), device=ids.device)[None]  # (1, T)
+    start = torch.as_tensor(response_start, device=ids.device).reshape(-1, 1)  # (B, 1) or (1, 1)
+    response = attention_mask.bool() & (columns >= start)  # (B, T) the response's real tokens
+    # r(x, y) = 1/|y| sum_{t in y} v_t
+    return (values * response).sum(1) / response.sum(1)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -432,9 +432,9 @@ def check(cfg):
     yield "group_size", not grouped or cfg.group_size >= 2, ">= 2: a sample is compared with the others of its prompt"
     divides = cfg.group_size > 0 and cfg.batch_size % cfg.group_size == 0
     yield "group_size", not grouped or divides, f"a divisor of --batch_size={cfg.batch_size}"
-    yield stages.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
-    yield stages.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
-    yield stages.fits_sft_model(cfg)
+    yield sft.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
+    yield sft.enough_prompts(cfg, "eval_prompts", "eval", sft.EVAL_SEED)
+    yield sft.fits_sft_model(cfg)
 
 
 def main():

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import data
 import sft
 import stages
-from model import ScalarHeadModel, load_model
+from model import ScalarHeadModel, load_model, rm_scores
 from runs import (atomic_write, autocast, barrier, check_finite, data_parallel, load_jsonl, mean_over_processes,
                   my_share, on_rank_0, one_line_errors, parse_config, pick_device, rank, save_jsonl, to_device)
 from stages import StageConfig, files_or_empty, interval, non_negative, one_of, positive, run_fields
@@ -49,6 +49,8 @@ class Config(StageConfig):
     """reward: label pairs and train the reward model; best_of_n: the best-of-N curve; rejection: LLaMA-2's RS"""
     data: str = ""
     """a JSONL file of {"prompt", "chosen", "rejected"} pairs; empty: sample and label them here"""
+    val_frac: float = 0.1
+    """with data: the share of its prompts whose pairs are held out, to judge the reward model on your own labels"""
     n_prompts: int = 1000
     """training prompts for the preference data"""
     k: int = 4
@@ -72,8 +74,7 @@ class Config(StageConfig):
     label_smoothing: float = 0.1
     """eps in -(1 - eps) log sigmoid(z) - eps log sigmoid(-z): each label trusted 1 - eps (notebooks/GUIDE.md)"""
     readout: str = "mean"
-    """mean: r(x, y) is the head's mean over the response's tokens (its EOT included); last: its value at the last
-    token alone (InstructGPT's) (notebooks/GUIDE.md says why the mean)"""
+    """mean: r(x, y) is the head's mean over the response, EOT included; last: at its last token (InstructGPT's)"""
     max_new_tokens: int = 120
     eval_prompts: int = 256
     """held-out prompts for centring the RM, its correlation with gold, and rejection sampling's evaluation"""
@@ -112,20 +113,6 @@ def preference_loss(chosen_rewards, rejected_rewards, margins=0.0, smoothing=0.0
     z = chosen_rewards - rejected_rewards - margins
     # -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), with logsigmoid for numerical stability
     return -((1 - smoothing) * F.logsigmoid(z) + smoothing * F.logsigmoid(-z)).mean()
-
-
-def rm_scores(rm, ids, attention_mask, response_start):
-    """The score of each row (B,), as rm.config.readout says: the value at the last real token, or the mean over the
-    response. ids, attention_mask (B, T); response_start: each row's first response column, (B,) or a number."""
-    values = rm(ids, attention_mask)  # (B, T)
-    if rm.config.readout == "last":
-        last = attention_mask.size(1) - 1 - attention_mask.long().flip(1).argmax(1)  # (B,) last index where mask is 1
-        return values.gather(1, last[:, None]).squeeze(1)
-    columns = torch.arange(ids.size(1), device=ids.device)[None]  # (1, T)
-    start = torch.as_tensor(response_start, device=ids.device).reshape(-1, 1)  # (B, 1) or (1, 1)
-    response = attention_mask.bool() & (columns >= start)  # (B, T) the response's real tokens
-    # r(x, y) = 1/|y| sum_{t in y} v_t
-    return (values * response).sum(1) / response.sum(1)
 
 
 def tokenize_responses(prompts, responses):
@@ -199,11 +186,9 @@ def label_training_pairs(cfg):
     device = pick_device(cfg.device)
     sft_path = stages.ensure_stage("sft", cfg)
     if rank() == 0:
-        policy = load_model(sft_path, device)
-        prompts = sft.train_prompts(cfg.n_prompts, cfg.seed)
-        t0 = time.time()
-        pairs, agreement = label_pairs(policy, prompts, cfg.tau, cfg.max_new_tokens, device, cfg.seed, cfg.k,
-                                       cfg.retell, cfg.grades)
+        t0, prompts = time.time(), sft.train_prompts(cfg.n_prompts, cfg.seed)
+        pairs, agreement = label_pairs(load_model(sft_path, device), prompts, cfg.tau, cfg.max_new_tokens, device,
+                                       cfg.seed, cfg.k, cfg.retell, cfg.grades)
         save_pairs(cfg, pairs)
         print(f"labelled {len(pairs)} pairs in {time.time() - t0:.0f}s; agreement with gold {agreement:.3f}")
     barrier()
@@ -226,8 +211,7 @@ def pair_scores(rm, pairs, device):
 
 
 def pairwise_accuracy(rm, pairs, device):
-    chosen, rejected = pair_scores(rm, pairs, device)
-    return float((chosen > rejected).float().mean())
+    return stages.agreement(*pair_scores(rm, pairs, device))
 
 
 KINDS = re.compile(rf"\b({'|'.join(data.NAMES + data.ANIMALS + data.PLACES)})\b")  # what a retold twin changes
@@ -266,6 +250,8 @@ def train_reward_model(rm, pairs, cfg, device):
     return history
 
 
+# ----------------------------------------------------------------------------- judging it: the gold human, and rules
+
 @on_rank_0
 def held_out_pairs(policy, cfg, device):
     """(pairs, ceiling): two SFT samples on each of n_eval_pairs held-out prompts, labelled, and how often the labels
@@ -288,18 +274,21 @@ def centre(rm, policy, cfg, device):
 
 def centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device):
     """Centre the reward model (centre), then measure it against the gold human: held-out accuracy (against the
-    labels and against the labeller's coin), by term, the RM-gold correlation, and the prompt swap."""
+    labels, and over the labeller's coin beside stages.RULES'), by term, the RM-gold correlation, the prompt swap."""
     prompts, texts, scores = centre(rm, policy, cfg, device)
     gold = [data.gold_reward(p, t) for p, t in zip(prompts, texts)]
     chosen, rejected = pair_scores(rm, eval_pairs, device)
-    metrics = {"heldout_accuracy": float((chosen > rejected).float().mean()), "label_ceiling": ceiling,
+    metrics = {"heldout_accuracy": stages.agreement(chosen, rejected), "label_ceiling": ceiling,
                "rm_gold_correlation": stages.pearson(scores, gold)}
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    gaps = [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"])
+            for p in eval_pairs]  # g(chosen) - g(rejected)
     metrics["heldout_accuracy_expected"], metrics["label_ceiling_expected"] = stages.expected_accuracy(
-        [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in eval_pairs],
-        chosen, rejected, cfg.tau)
-    print(f"  averaged over the labeller's coin: accuracy {metrics['heldout_accuracy_expected']:.3f} | "
-          f"ceiling {metrics['label_ceiling_expected']:.3f}")
+        gaps, chosen, rejected, cfg.tau)
+    metrics["baselines"] = stages.baselines(eval_pairs, gaps, cfg.tau)
+    print("  averaged over the labeller's coin: " + " | ".join(f"{k} {v['expected']:.3f}" for k, v in
+          metrics["baselines"].items()) + " | reward model {heldout_accuracy_expected:.3f} | ceiling "
+          "{label_ceiling_expected:.3f}".format(**metrics))
     metrics["heldout_by_term"] = stages.accuracy_by_term(eval_pairs, chosen, rejected)
     for term, row in metrics["heldout_by_term"].items():
         print(f"  pairs decided by {term:8s} {row['pairs']:4d} | reward model agrees with gold {row['rm']:.3f} | "
@@ -313,14 +302,17 @@ def centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device):
 def train(cfg):
     device = pick_device(cfg.device)
     pairs = load_pairs(cfg.data) if cfg.data else None  # a bad file of the user's is reported before any training
+    # your pairs: a share of their prompts held out, to judge the reward model on your own labels too
+    pairs, yours = stages.split_by_prompt(pairs, cfg.val_frac, cfg.seed) if pairs else (pairs, [])
     policy = load_model(stages.ensure_stage("sft", cfg), device)
     pairs = pairs or load_pairs(stages.ensure_stage("pairs", cfg))
     eval_pairs, ceiling = held_out_pairs(policy, cfg, device)
-    print(f"{len(pairs)} training pairs; held-out labels agree with the gold order {ceiling:.3f} (the ceiling)")
+    print(f"{len(pairs)} training pairs{f', {len(yours)} of yours held out' if cfg.data else ''}; the story world's "
+          f"held-out labels agree with its gold order {ceiling:.3f} (the ceiling)")
     torch.manual_seed(cfg.seed + rank())  # each process its own dropout under torchrun
     rm = ScalarHeadModel.from_gpt(policy, cfg.readout).to(device)
     history = train_reward_model(rm, pairs, cfg, device)
-    metrics = evaluate_reward_model(rm, policy, pairs, eval_pairs, ceiling, cfg, device)
+    metrics = evaluate_reward_model(rm, policy, pairs, eval_pairs, ceiling, cfg, device, yours)
     stages.save_stage(os.path.join(cfg.out_dir, "reward"), rm, {**metrics, "config": asdict(cfg), "history": history},
                       step=cfg.steps, built_from=stages.record("reward", cfg))
     return metrics
@@ -335,10 +327,19 @@ def training_accuracy(rm, pairs, cfg, device):
 
 
 @on_rank_0
-def evaluate_reward_model(rm, policy, pairs, eval_pairs, ceiling, cfg, device):
-    """centre_and_evaluate and training_accuracy, by rank 0 alone under torchrun: its reward model is saved."""
-    return {**centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device),
-            "train_accuracy": training_accuracy(rm, pairs, cfg, device)}
+def evaluate_reward_model(rm, policy, pairs, eval_pairs, ceiling, cfg, device, yours=()):
+    """centre_and_evaluate and training_accuracy, by rank 0 alone under torchrun: its reward model is saved. With
+    your pairs, the reward model and stages.RULES on yours held out, against your labels (no gold human knows them)."""
+    if cfg.data:
+        print("the story world's held-out pairs (its SFT samples, its gold human), not yours:")
+    metrics = {**centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device),
+               "train_accuracy": training_accuracy(rm, pairs, cfg, device)}
+    if yours:
+        metrics["your_heldout"] = {"pairs": len(yours), "reward model": pairwise_accuracy(rm, yours, device),
+                                   **{k: v["accuracy"] for k, v in stages.baselines(yours).items()}}
+        print(f"your {len(yours)} held-out pairs agree with your labels: " + " | ".join(
+            f"{k} {v:.3f}" for k, v in metrics["your_heldout"].items() if k != "pairs"))
+    return metrics
 
 
 # ----------------------------------------------------------------------------- best-of-N and rejection sampling
@@ -370,14 +371,13 @@ def best_of_n_curve(policy, rm, prompts, cfg, device):
         pick = scores[:, :n].argmax(1)  # (P,) best of the first n samples
         best = [g[int(j)] for g, j in zip(groups, pick)]
         gold = [data.gold_reward(p, b) for p, b in zip(prompts, best)]
-        rm_best = float(scores[:, :n].max(1).values.mean())
         follow = [data.follows(p, b) for p, b in zip(prompts, best)]
         # KL(pi_bon || pi) = log N - (N - 1) / N, the analytic value for N samples
         curve.append({"n": n, "gold_reward": sum(gold) / len(gold), "follow_rate": sum(follow) / len(follow),
-                      "rm_score": rm_best, "kl": math.log(n) - (n - 1) / n,
+                      "rm_score": float(scores[:, :n].max(1).values.mean()), "kl": math.log(n) - (n - 1) / n,
                       "win_rate_vs_sft": sft.win_rate(prompts, best, first)})
-        print(f"best-of-{n:<3d} | gold {curve[-1]['gold_reward']:+.3f} | follow {curve[-1]['follow_rate']:.3f} | "
-              f"rm {rm_best:+.3f} | kl {curve[-1]['kl']:.3f}")
+        print("best-of-{n:<3d} | gold {gold_reward:+.3f} | follow {follow_rate:.3f} | rm {rm_score:+.3f} | "
+              "kl {kl:.3f}".format(**curve[-1]))
     print(f"best-of-N curve in {time.time() - t0:.0f}s")
     return curve
 
@@ -425,6 +425,7 @@ def check(cfg):
     yield one_of(cfg, "stage", "reward", "best_of_n", "rejection")
     yield one_of(cfg, "readout", "mean", "last")
     yield interval(cfg, "label_smoothing", "[0, 0.5)")  # at 0.5 a label says nothing
+    yield interval(cfg, "val_frac", "[0, 1)")
     yield from files_or_empty(cfg, "data")
     yield from run_fields(cfg)
     yield from positive(cfg, "n_prompts", "n_eval_pairs", "tau", "steps", "batch_size", "lr", "max_new_tokens",
@@ -432,11 +433,11 @@ def check(cfg):
     yield "k", cfg.k >= 2, ">= 2: a pair needs two samples"
     yield "bon_max_n", cfg.bon_max_n >= 2, ">= 2: best-of-N compares the SFT sample with at least one more"
     yield from non_negative(cfg, "weight_decay", "twin_steps")
-    yield stages.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
-    yield stages.enough_prompts(cfg, "rs_prompts", "train", cfg.seed + 4)
+    yield sft.enough_prompts(cfg, "n_prompts", "train", cfg.seed)
+    yield sft.enough_prompts(cfg, "rs_prompts", "train", cfg.seed + 4)
     for field in ("n_eval_pairs", "eval_prompts", "bon_prompts"):  # each drawn by sft.eval_prompts
-        yield stages.enough_prompts(cfg, field, "eval", sft.EVAL_SEED)
-    yield stages.fits_sft_model(cfg)
+        yield sft.enough_prompts(cfg, field, "eval", sft.EVAL_SEED)
+    yield sft.fits_sft_model(cfg)
 
 
 def main():

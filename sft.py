@@ -17,6 +17,8 @@ Run:  python sft.py --stage=pretrain [--objective=mlm] [--corpus=my.txt]
       python sft.py [--data=my_demos.jsonl]        (builds out/pretrain first if it is missing)
       torchrun --standalone --nproc_per_node=4 sft.py    (4 processes, each a quarter of every batch; any script)
 """
+import dataclasses
+import functools
 import json
 import os
 import time
@@ -302,8 +304,48 @@ def compare_with_sft(policy, sft_model, prompts, max_new_tokens, device, seed=0,
     return metrics, texts, sft_texts
 
 
+# ----------------------------------------------------------------------------- checks: the prompts and the block size
+
+@functools.lru_cache(maxsize=None)
+def longest_prompt_tokens():
+    """Tokens in the longest prompt data.random_task can make. A word's tokens do not depend on its neighbours (the
+    pre-tokenizer splits at spaces), so each template filled slot by slot with its longest word is its longest."""
+    slots = dict(N=data.NAMES, A=data.ANIMALS, P=data.PLACES, adj=data.ADJS)  # random_task's slots and their words
+    longest = 0
+    for instruction, input in [(t, "") for t in data.INSTRUCTIONS] + [(data.CONTINUE, t) for t in data.OPENINGS]:
+        tokens = lambda fill: len(data.encode(data.alpaca_prompt(instruction.format(**fill), input.format(**fill))))
+        fill = {k: words[0] for k, words in slots.items()}
+        for k, words in slots.items():
+            fill[k] = max(words, key=lambda w: tokens({**fill, k: w}))
+        longest = max(longest, tokens(fill))
+    return longest
+
+
+def enough_prompts(cfg, field, split, seed):
+    """A check row: data.tasks can draw the field's number of distinct prompts of split."""
+    try:
+        data.tasks(split, getattr(cfg, field), seed)
+        return field, True, ""
+    except ValueError as e:
+        return field, False, f"at most what the world has ({e})"
+
+
+def max_new_tokens_fit(cfg, block_size, where):
+    """The check row of max_new_tokens: the longest prompt, the response and an EOT after it fit block_size."""
+    P = longest_prompt_tokens()
+    # P + max_new_tokens + 1 <= block_size
+    return "max_new_tokens", P + cfg.max_new_tokens + 1 <= block_size, \
+        f"<= {block_size - P - 1}, so the longest prompt ({P} tokens), the response and EOT fit {where}"
+
+
+def fits_sft_model(cfg):
+    """max_new_tokens_fit for a later stage, against the block_size of the SFT model its preset builds."""
+    block_size = dataclasses.replace(Config(), **PRESETS[cfg.preset]).block_size
+    return max_new_tokens_fit(cfg, block_size, f"block_size {block_size} of the {cfg.preset} preset's SFT model")
+
+
 def check(cfg):
-    """What each field allows: model.parse_config reports the first (field, ok, allowed) row that fails."""
+    """What each field allows: runs.parse_config reports the first (field, ok, allowed) row that fails."""
     yield one_of(cfg, "stage", "pretrain", "sft")
     yield one_of(cfg, "objective", "clm", "mlm")
     yield from files_or_empty(cfg, "corpus", "data")
@@ -314,12 +356,12 @@ def check(cfg):
     yield interval(cfg, "dropout", "[0, 1)")
     yield from non_negative(cfg, "weight_decay")
     if not cfg.data:
-        yield stages.enough_prompts(cfg, "n_demos", "train", cfg.seed)
-    yield stages.enough_prompts(cfg, "eval_prompts", "eval", EVAL_SEED)
+        yield enough_prompts(cfg, "n_demos", "train", cfg.seed)
+    yield enough_prompts(cfg, "eval_prompts", "eval", EVAL_SEED)
     if cfg.stage == "sft" or cfg.objective == "clm":  # a model that will answer prompts: SFT fine-tunes this one
-        P = stages.longest_prompt_tokens()
+        P = longest_prompt_tokens()
         yield "block_size", cfg.block_size >= P + 2, f">= {P + 2}: the longest prompt ({P} tokens), a response and EOT"
-        yield stages.max_new_tokens_fit(cfg, cfg.block_size, f"--block_size={cfg.block_size}")
+        yield max_new_tokens_fit(cfg, cfg.block_size, f"--block_size={cfg.block_size}")
 
 
 def main():

@@ -4,11 +4,11 @@ each is built from, when an output may be reused, how long each took), judging a
 the shared flags' checks. No equation of the pipeline here; the chain imports a stage's script only to build it.
 """
 import dataclasses
-import functools
 import importlib
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -141,7 +141,7 @@ def script_of(cfg):
 def stage_config(stage, cfg):
     """The Config that builds stage: cfg itself when cfg belongs to that stage's script (the user's flags hold),
     else the defaults of cfg's preset with cfg's out_dir, device and seed, where cfg has one (`python ppo.py
-    --seed=3` builds seed 3's chain, as notebooks/seeds.py does)."""
+    --seed=3` builds seed 3's chain, as notebooks/experiments/seeds.py does)."""
     script = importlib.import_module(CHAIN[stage][0])
     if script_of(cfg) != CHAIN[stage][0]:
         seed = [f"--seed={cfg.seed}"] if hasattr(cfg, "seed") else []  # an experiment's Config may have none
@@ -247,9 +247,10 @@ def expected_accuracy(gold_gaps, chosen_scores, rejected_scores, tau):
     gaps = torch.as_tensor(gold_gaps, dtype=torch.float64)  # (N,)
     # p_i = P(labeller prefers chosen_i) = sigmoid((g(chosen_i) - g(rejected_i)) / tau)
     p_chosen = torch.sigmoid(gaps / tau)  # (N,)
-    # E[RM accuracy] = mean_i (p_i if r(chosen_i) > r(rejected_i) else 1 - p_i); E[ceiling] = mean_i max(p_i, 1 - p_i)
-    rm_first = torch.as_tensor(chosen_scores) > torch.as_tensor(rejected_scores)  # (N,) a tie counts as wrong
-    rm = torch.where(rm_first, p_chosen, 1 - p_chosen)  # (N,)
+    # E[accuracy] = mean_i (p_i if r(chosen_i) > r(rejected_i), 1 - p_i if below, 1/2 if tied)
+    # E[ceiling] = mean_i max(p_i, 1 - p_i)
+    chosen, rejected = torch.as_tensor(chosen_scores), torch.as_tensor(rejected_scores)  # (N,), (N,)
+    rm = torch.where(chosen > rejected, p_chosen, torch.where(chosen < rejected, 1 - p_chosen, 0.5))  # (N,)
     return float(rm.mean()), float(torch.maximum(p_chosen, 1 - p_chosen).mean())
 
 
@@ -269,6 +270,39 @@ def accuracy_by_term(pairs, chosen_scores, rejected_scores):
         row["labels"] += gap > 0
     return {k: {"pairs": v["pairs"], "rm": v["rm"] / v["pairs"], "labels": v["labels"] / v["pairs"]}
             for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["pairs"])}
+
+
+def agreement(chosen_scores, rejected_scores):
+    """How often a scorer orders pairs as their labels do; a tie counts half (a coin would break it)."""
+    chosen, rejected = torch.as_tensor(chosen_scores), torch.as_tensor(rejected_scores)
+    return float(((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean())
+
+
+WORDS = lambda text: set(re.findall(r"[a-z]+", text.lower()))  # noqa: E731
+TEMPLATE = WORDS(data.alpaca_prompt("", "-"))  # the Alpaca template's own words, which every prompt has
+# Is a reward model's accuracy good? Beside it, scorers that read no weights and work on any English pairs: on
+# Anthropic's HH pairs "the longer answer" alone agrees with the labels about 55% of the time (trlx issue 257)
+RULES = {"the longer answer": lambda prompt, response: len(re.findall(r"[a-z]+", response.lower())),
+         "names the request": lambda prompt, response: len((WORDS(prompt) - TEMPLATE) & WORDS(response))}
+
+
+def baselines(pairs, gaps=(), tau=1.0):
+    """Each rule's agreement with the pairs' labels and, given gaps[i] = g(chosen_i) - g(rejected_i), averaged over
+    the labeller's coin (expected_accuracy): {rule: {"accuracy", "expected"}}."""
+    out = {}
+    for name, rule in RULES.items():
+        w, l = (torch.tensor([float(rule(p["prompt"], p[k])) for p in pairs]) for k in ("chosen", "rejected"))
+        out[name] = {"accuracy": agreement(w, l)}
+        out[name].update({"expected": expected_accuracy(gaps, w, l, tau)[0]} if len(gaps) else {})
+    return out
+
+
+def split_by_prompt(pairs, val_frac, seed):
+    """(train, val): every pair of a held-out prompt goes to val, so val accuracy is on unseen prompts."""
+    prompts = sorted({p["prompt"] for p in pairs})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[:int(len(prompts) * val_frac)])
+    return [p for p in pairs if p["prompt"] not in held], [p for p in pairs if p["prompt"] in held]
 
 
 def other_prompts(prompts):
@@ -298,48 +332,6 @@ def prompt_swap(score_fn, pairs):
     gold_other = agree([data.gold_reward(q, x) - data.gold_reward(q, y) for q, x, y in zip(swapped, a, b)])
     return {"right": right, "swapped": other, "drop": right - other, "gold_swapped": gold_other,
             "gold_drop": 1 - gold_other, "pairs": len(pairs)}
-
-
-# ----------------------------------------------------------------------------- checks the later stages share
-
-@functools.lru_cache(maxsize=None)
-def longest_prompt_tokens():
-    """Tokens in the longest prompt data.random_task can make. A word's tokens do not depend on its neighbours (the
-    pre-tokenizer splits at spaces), so each template filled slot by slot with its longest word is its longest."""
-    slots = dict(N=data.NAMES, A=data.ANIMALS, P=data.PLACES, adj=data.ADJS)  # random_task's slots and their words
-    longest = 0
-    for instruction, input in [(t, "") for t in data.INSTRUCTIONS] + [(data.CONTINUE, t) for t in data.OPENINGS]:
-        tokens = lambda fill: len(data.encode(data.alpaca_prompt(instruction.format(**fill), input.format(**fill))))
-        fill = {k: words[0] for k, words in slots.items()}
-        for k, words in slots.items():
-            fill[k] = max(words, key=lambda w: tokens({**fill, k: w}))
-        longest = max(longest, tokens(fill))
-    return longest
-
-
-def enough_prompts(cfg, field, split, seed):
-    """A check row: data.tasks can draw the field's number of distinct prompts of split."""
-    try:
-        data.tasks(split, getattr(cfg, field), seed)
-        return field, True, ""
-    except ValueError as e:
-        return field, False, f"at most what the world has ({e})"
-
-
-def max_new_tokens_fit(cfg, block_size, where):
-    """The check row of max_new_tokens: the longest prompt, the response and an EOT after it fit block_size."""
-    P = longest_prompt_tokens()
-    # P + max_new_tokens + 1 <= block_size
-    return "max_new_tokens", P + cfg.max_new_tokens + 1 <= block_size, \
-        f"<= {block_size - P - 1}, so the longest prompt ({P} tokens), the response and EOT fit {where}"
-
-
-def fits_sft_model(cfg):
-    """max_new_tokens_fit for a later stage, against the block_size of the SFT model its preset builds."""
-    sft = importlib.import_module("sft")
-    block_size = dataclasses.replace(sft.Config(), **sft.PRESETS[cfg.preset]).block_size
-    return max_new_tokens_fit(cfg, block_size, f"block_size {block_size} of the {cfg.preset} preset's SFT model")
-
 
 
 # ----------------------------------------------------------------------------- rows of the scripts' check(cfg)

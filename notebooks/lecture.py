@@ -3,7 +3,7 @@ The lecture notebooks' shared helpers, in one place so that no notebook carries 
 
   quiet()            runs a training function without its step log: stages.log prints one line per step, which a
                      stored notebook should not repeat; the notebook prints a short summary instead
-  running_mean       the mean of the last k values at each step (also the smoothing of frontier.py's plots)
+  running_mean       the mean of the k values around each step (also the smoothing of frontier.py's plots)
   plot_curve         a noisy per-step curve on one Axes: the raw values faint, their running mean on top
   plot_history       a run's per-step history, one panel per unit (nats, fraction of pairs, ...)
   plot_best_of_n     reward.py's best-of-N curve: gold reward and RM score against KL, each point labelled N

@@ -56,6 +56,7 @@ BAD_FLAGS = [
     ("reward.py", ["--stage=ppo"], "--stage=ppo: must be one of reward, best_of_n, rejection"),
     ("reward.py", ["--eval_prompts=50000"], "--eval_prompts=50000: must be at most what the world has"),
     ("reward.py", ["--weight_decay=-0.1"], "--weight_decay=-0.1: must be >= 0"),
+    ("reward.py", ["--val_frac=1"], "--val_frac=1.0: must be in [0, 1)"),
     ("ppo.py", ["--batch_size=-4"], "--batch_size=-4: must be > 0"),
     ("ppo.py", ["--kl_coef=-1"], "--kl_coef=-1.0: must be >= 0"),
     ("ppo.py", ["--n_minibatches=3"], "--n_minibatches=3: must be a divisor of --batch_size=64"),
@@ -108,7 +109,7 @@ def test_longest_prompt_against_every_prompt_the_world_can_make():
             fill = dict(zip(used, words))
             prompt = data.alpaca_prompt(instruction.format(**fill), input.format(**fill))
             longest = max(longest, len(data.encode(prompt)))
-    assert stages.longest_prompt_tokens() == longest
+    assert sft.longest_prompt_tokens() == longest
 
 
 # ----------------------------------------------------------------------------- a diverged run writes nothing

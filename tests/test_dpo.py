@@ -163,7 +163,7 @@ def test_nll_term_is_the_chosen_responses_per_token_nll():
 
 def test_split_by_prompt_holds_out_whole_prompts():
     pairs = toy_pairs() + toy_pairs()  # two pairs per prompt
-    train, val = dpo.split_by_prompt(pairs, 0.5, seed=0)
+    train, val = stages.split_by_prompt(pairs, 0.5, seed=0)
     assert len(train) == len(val) == 6
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in val}
 

@@ -134,3 +134,26 @@ def test_merge_adds_seeds_and_names_each_rows_machine():
     two = [{"seed": 1337, "machine": "A"}, {"seed": 3, "machine": "B"}, {"seed": 4, "machine": "B"}]
     assert results.machines(two) == "A (seed 1337); B (seeds 3, 4)"
     assert results.machines(two[1:]) == "B"
+
+
+def test_reward_baselines_from_the_default_chain_or_the_seeds(tmp_path):
+    def metrics(longer, names, rm):
+        return {"heldout_accuracy": rm, "heldout_accuracy_expected": rm - 0.01, "label_ceiling": 0.9,
+                "label_ceiling_expected": 0.88, "baselines": {"the longer answer": {"accuracy": longer, "expected": longer},
+                                                             "names the request": {"accuracy": names, "expected": names}}}
+    assert results.baselines_record(str(tmp_path)) is None  # no out/reward/metrics.json yet
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward" / "metrics.json").write_text(json.dumps({**metrics(0.4, 0.6, 0.8),
+                                                                   "config": {"seed": 7, "n_eval_pairs": 64}}))
+    default = results.baselines_record(str(tmp_path))
+    assert default["seed"] == 7 and default["pairs"] == 64 and default["baselines"]["the longer answer"]["accuracy"] == 0.4
+    # seeds without the rules: the default chain's, said so
+    text = "\n".join(results.baselines_section([{"seed": 1, "reward": {}}], default))
+    assert "on the default chain only (seed 7" in text and "| rule: the longer answer | 0.400 | 0.400 |" in text
+    assert "| the reward model | 0.800 | 0.790 |" in text and "On the same 64 held-out pairs" in text
+    # seeds with the rules: their mean and range, the default chain left out
+    rows = [{"seed": s, "reward": metrics(a, b, c)} for s, a, b, c in [(1, 0.4, 0.6, 0.8), (2, 0.5, 0.7, 0.9)]]
+    text = "\n".join(results.baselines_section(rows, default))
+    assert "over the 2 seeds that recorded them" in text
+    assert "| rule: the longer answer | 0.450 (0.400 to 0.500) | 0.450 (0.400 to 0.500) |" in text
+    assert results.baselines_section([{"seed": 1, "reward": {}}], None) == []

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -475,6 +476,42 @@ def test_best_of_n_curve():
     assert curve[-1]["win_rate_vs_sft"] == sft.win_rate(prompts, best, first)
 
 
+# ----------------------------------------------------------------------------- baselines: rules that read no weights
+
+def test_rules_agreement_by_hand_ties_count_half():
+    prompt = data.alpaca_prompt("Write a story about Lily the fox.")
+    pairs = [{"prompt": prompt, "chosen": "Lily the fox ran.", "rejected": "Tom ran home fast today."},
+             {"prompt": prompt, "chosen": "A cat sat.", "rejected": "A dog sat."}]
+    # the request's own words (the template's left out): story, about, lily, fox; chosen repeats 2, rejected 0
+    assert stages.WORDS(prompt) - stages.TEMPLATE == {"story", "about", "lily", "fox"}
+    rules = stages.baselines(pairs)
+    # longer: pair 1 picks the rejected (5 words > 4), pair 2 is a tie (3 = 3): (0 + 1/2) / 2
+    assert rules["the longer answer"] == {"accuracy": 0.25}
+    # names the request: pair 1 right (2 > 0), pair 2 a tie (0 = 0): (1 + 1/2) / 2
+    assert rules["names the request"] == {"accuracy": 0.75}
+    # over the labeller's coin with gold gaps (1, 0) and tau 0.5: p = sigmoid(2), sigmoid(0) = 1/2
+    p1 = 1 / (1 + math.exp(-2))
+    rules = stages.baselines(pairs, gaps=[1.0, 0.0], tau=0.5)
+    assert rules["the longer answer"]["expected"] == pytest.approx(((1 - p1) + 0.5) / 2)
+    assert rules["names the request"]["expected"] == pytest.approx((p1 + 0.5) / 2)
+
+
+def test_expected_accuracy_against_a_naive_loop_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    gaps = torch.randn(50, generator=gen).tolist()
+    chosen = torch.randint(0, 3, (50,), generator=gen).float()  # many ties
+    rejected = torch.randint(0, 3, (50,), generator=gen).float()
+    naive = []
+    for g, c, r in zip(gaps, chosen.tolist(), rejected.tolist()):
+        p = 1 / (1 + math.exp(-g / 0.7))  # P(the label says chosen)
+        naive.append(p if c > r else 1 - p if c < r else 0.5)
+    acc, ceiling = stages.expected_accuracy(gaps, chosen, rejected, 0.7)
+    assert acc == pytest.approx(sum(naive) / 50)
+    assert ceiling == pytest.approx(sum(max(1 / (1 + math.exp(-g / 0.7)), 1 / (1 + math.exp(g / 0.7))) for g in gaps) / 50)
+    assert stages.agreement(chosen, rejected) == pytest.approx(
+        sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen.tolist(), rejected.tolist())) / 50)
+
+
 # ----------------------------------------------------------------------------- the stages, tiny
 
 def tiny_reward_cfg(out_dir, **overrides):
@@ -526,6 +563,47 @@ def test_reward_end_to_end(reward_run):
     sample = random.Random(cfg.seed).sample(pairs, cfg.n_eval_pairs)
     assert len(pairs) > cfg.n_eval_pairs and saved["train_accuracy"] == reward.pairwise_accuracy(rm, sample, "cpu")
     assert saved["train_accuracy"] * cfg.n_eval_pairs == round(saved["train_accuracy"] * cfg.n_eval_pairs)
+
+
+def test_reward_end_to_end_reports_the_rules_beside_the_reward_model(reward_run):
+    out, cfg, metrics = reward_run
+    saved = json.loads((out / "reward" / "metrics.json").read_text())
+    policy = load_model(str(out / "sft" / "model.pt"))
+    eval_pairs, _ = reward.label_pairs(policy, sft.eval_prompts(cfg.n_eval_pairs), cfg.tau, cfg.max_new_tokens, "cpu",
+                                       cfg.seed + 1)
+    gaps = [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in eval_pairs]
+    assert saved["baselines"] == stages.baselines(eval_pairs, gaps, cfg.tau)  # the same held-out pairs
+    assert set(saved["baselines"]) == {"the longer answer", "names the request"}
+    assert "your_heldout" not in saved  # the story world's pairs alone
+
+
+def test_your_pairs_are_held_out_by_prompt_and_judged_on_your_labels(reward_run, tmp_path, capsys):
+    out, cfg, _ = reward_run
+    for stage in ("pretrain", "sft"):  # the shared SFT model, in a folder of this test's own
+        shutil.copytree(out / stage, tmp_path / stage)
+    rng = random.Random(0)
+    topics = ("apples", "rivers", "kites", "owls", "boats")
+    pairs = [{"prompt": data.alpaca_prompt(f"Tell me about {w}."), "chosen": f"A short note on {w} and more.",
+              "rejected": rng.choice(["No.", "Why?"])} for w in topics for _ in range(2)]
+    path = tmp_path / "my_pairs.jsonl"
+    runs.save_jsonl(str(path), pairs)
+    ucfg = dataclasses.replace(cfg, out_dir=str(tmp_path), data=str(path), val_frac=0.4)
+    metrics = reward.train(ucfg)
+    _, yours = stages.split_by_prompt(pairs, 0.4, ucfg.seed)
+    assert len(yours) == 4 and metrics["your_heldout"]["pairs"] == 4  # the pairs of 2 of the 5 prompts
+    rm = load_model(str(tmp_path / "reward" / "model.pt"))
+    assert metrics["your_heldout"]["reward model"] == reward.pairwise_accuracy(rm, yours, "cpu")
+    rules = stages.baselines(yours)
+    assert {k: metrics["your_heldout"][k] for k in rules} == {k: v["accuracy"] for k, v in rules.items()}
+    assert metrics["your_heldout"]["the longer answer"] == 1.0  # every chosen answer is the longer one
+    printed = capsys.readouterr().out
+    assert "6 training pairs, 4 of yours held out" in printed
+    assert "the story world's held-out pairs" in printed and "your 4 held-out pairs agree with your labels" in printed
+    # too few prompts to hold one out (10% of 1 rounds to none): the line says so, and no numbers claim to be yours
+    one = tmp_path / "one.jsonl"
+    runs.save_jsonl(str(one), pairs[:2])
+    metrics = reward.train(dataclasses.replace(ucfg, data=str(one), val_frac=0.1))
+    assert "2 training pairs, 0 of yours held out" in capsys.readouterr().out and "your_heldout" not in metrics
 
 
 def test_best_of_n_stage_is_the_curve_of_the_saved_models(reward_run):

@@ -8,8 +8,8 @@ notebooks/experiments/figures/seeds.json (notebooks/experiments/seeds.py writes 
   PPO           win rate spread over the seeds (max - min) <= 0.08
 
 Follow rates, win rates and KLs are expectations over several samples a prompt where a seed has them
-(seeds.expectations), since one draw of 256 samples moves a rate by about 0.03. notebooks/experiments/results.py renders these
-tables into the README and RESULTS.md; the lecture notebooks print them from the same records.
+(seeds.expectations), since one draw of 256 samples moves a rate by about 0.03. notebooks/experiments/results.py
+renders these tables into the README and RESULTS.md; the lecture notebooks print them from the same records.
 """
 
 

@@ -1,13 +1,16 @@
 """
-Every number the README shows, rendered from the runs, never typed. notebooks/experiments/seeds.py leaves one results.json per
-preset (out/seeds/<preset>/results.json: each seed's final numbers of every stage); this script
+Every number the README shows, rendered from the runs, never typed. notebooks/experiments/seeds.py leaves one
+results.json per preset (out/seeds/<preset>/results.json: each seed's final numbers of every stage); this script
 
-  --update   merges them into notebooks/experiments/figures/seeds.json, the record shipped with the code (small: no histories);
-             a seed run again replaces its row, and every row names the machine it ran on
+  --update   merges them into notebooks/experiments/figures/seeds.json, the record shipped with the code (small: no
+             histories); a seed run again replaces its row, and every row names the machine it ran on; it also keeps
+             the default chain's reward model beside its rules (out/reward/metrics.json ->
+             figures/reward_baselines.json)
   --time     times `python ppo.py` from nothing cached into notebooks/experiments/figures/chain_time.json
   (always)   renders from that record: the results table between the README's `results` markers, the full record
-             notebooks/experiments/RESULTS.md (every seed, every stage, the timings and the checks judged on the worst seed) and
-             the figure notebooks/experiments/figures/results.png (gold reward against KL, mean and range over seeds)
+             notebooks/experiments/RESULTS.md (every seed, every stage, the timings and the checks judged on the
+             worst seed) and the figure notebooks/experiments/figures/results.png (gold reward against KL, mean and
+             range over seeds)
 
 tests/test_results.py fails when the README's table or RESULTS.md differ from what this script renders from the
 shipped record, so the front page cannot drift from the runs.
@@ -33,20 +36,22 @@ RECORD = os.path.join(HERE, "figures", "seeds.json")
 README = os.path.join(ROOT, "README.md")
 PAGE = os.path.join(HERE, "RESULTS.md")
 FIGURE = os.path.join(HERE, "figures", "results.png")
-PROCESSES = os.path.join(HERE, "figures", "processes.json")  # notebooks/experiments/benchmark.py --processes=N writes it
-CHAIN_TIME = os.path.join(HERE, "figures", "chain_time.json")  # python notebooks/experiments/results.py --time writes it
-LEVERS = os.path.join(HERE, "figures", "rm_levers.json")  # notebooks/experiments/rm_levers.py's results, copied by --update
+PROCESSES = os.path.join(HERE, "figures", "processes.json")  # benchmark.py --processes=N writes it
+CHAIN_TIME = os.path.join(HERE, "figures", "chain_time.json")  # results.py --time writes it
+LEVERS = os.path.join(HERE, "figures", "rm_levers.json")  # rm_levers.py's results, copied by --update
 # the levers measured on the chains before the reward model took graded labels and the twin curriculum: what
 # decided that recipe (its `recipe` rows are the reward model before it)
 LEVERS_BEFORE = os.path.join(HERE, "figures", "rm_levers_before.json")
 FRONTIER = os.path.join(HERE, "figures", "frontier_results.json")  # notebooks/experiments/frontier.py's, shipped
+BASELINES = os.path.join(HERE, "figures", "reward_baselines.json")  # the default chain's reward model and rules
 RECIPE_BEFORE = os.path.join(HERE, "figures", "seeds_before.json")  # the small preset's seeds of earlier recipes
 BEGIN, END = "<!-- results: rendered by notebooks/experiments/results.py -->", "<!-- /results -->"
 TIME_BEGIN, TIME_END = "<!-- time: rendered by notebooks/experiments/results.py -->", "<!-- /time -->"
 BON_N = 16  # the best-of-N row of the table
 
 # (key of a seed's row, the method's name in the table)
-METHODS = [("sft", "SFT"), ("best_of_n", f"best-of-{BON_N}"), ("rejection", "rejection sampling (best-of-8 as SFT data)"),
+METHODS = [("sft", "SFT"), ("best_of_n", f"best-of-{BON_N}"),
+           ("rejection", "rejection sampling (best-of-8 as SFT data)"),
            ("ppo", "PPO"), ("dpo", "DPO"), ("oracle", "PPO on the gold human (oracle)")]
 
 
@@ -117,7 +122,9 @@ def cell(values, spec):
     if not values:
         return "-"
     mean, lo, hi = spread(values)
-    return number(mean, spec) if len(values) == 1 else f"{number(mean, spec)} ({number(lo, spec)} to {number(hi, spec)})"
+    if len(values) == 1:
+        return number(mean, spec)
+    return f"{number(mean, spec)} ({number(lo, spec)} to {number(hi, spec)})"
 
 
 METRICS = [("gold_reward", "+.2f", "gold reward"), ("follow_rate", ".2f", "follow rate"), ("kl", ".2f", "KL (nats)"),
@@ -289,6 +296,44 @@ def full_table(record, processes=None, chain_time=None):
 
 # ----------------------------------------------------------------------------- the full record
 
+def baselines_record(out_dir):
+    """From the default chain's out/reward/metrics.json: the reward model, the rules that read no weights and the
+    labels' ceiling on the same held-out pairs, with the seed and the machine; None before it has the rules."""
+    path = os.path.join(out_dir, "reward", "metrics.json")
+    metrics = optional_record(path) or {}
+    if "baselines" not in metrics:
+        return None
+    keep = ("heldout_accuracy", "heldout_accuracy_expected", "label_ceiling", "label_ceiling_expected", "baselines")
+    return {"seed": metrics["config"]["seed"], "pairs": metrics["config"]["n_eval_pairs"],
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores", **{k: metrics[k] for k in keep}}
+
+
+def baselines_section(rows, default):
+    """RESULTS.md's table of the reward model beside the rules that read no weights (stages.RULES): over the seeds
+    that recorded them, else on the default chain's held-out pairs (BASELINES)."""
+    have = [r["reward"] for r in rows if "baselines" in r["reward"]]
+    if have:
+        where = f"mean (worst to best) over the {len(have)} seeds that recorded them"
+    elif default:
+        have, where = [default], (f"on the default chain only (seed {default['seed']}, {default['machine']}): the "
+                                  "seeds' rows above predate the rules and gain them when seeds.py runs again")
+    else:
+        return []
+    rules = list(have[0]["baselines"])
+    lines = ["### The reward model beside rules that read no weights", "",
+             f"On the same {have[0].get('pairs', 512)} held-out pairs, {where}. A rule scores a response without "
+             "weights (`stages.RULES`: its word count; how many of the request's own words it repeats); a tie counts "
+             "half. Agreement with one draw of the labels, and expected over the labeller's coin.", "",
+             "| scorer | agreement with the labels | expected |", "| --- | ---: | ---: |"]
+    scorers = [(f"rule: {k}", lambda m, k=k: m["baselines"][k]["accuracy"],
+                lambda m, k=k: m["baselines"][k]["expected"]) for k in rules]
+    scorers += [("the reward model", lambda m: m["heldout_accuracy"], lambda m: m["heldout_accuracy_expected"]),
+                ("the labels' ceiling", lambda m: m["label_ceiling"], lambda m: m["label_ceiling_expected"])]
+    for name, one, expected in scorers:
+        lines.append(f"| {name} | {cell([one(m) for m in have], '.3f')} | {cell([expected(m) for m in have], '.3f')} |")
+    return lines + [""]
+
+
 def per_seed_table(rows, columns):
     """A markdown table, one line per seed and, for several seeds, a mean/min/max footer. columns: (header,
     function of a row, spec)."""
@@ -374,6 +419,7 @@ def results_page(record, levers=None, before=None, recipe_before=None, processes
                     ("prompt-swap drop", lambda r: r["reward"]["prompt_swap"]["drop"], ".3f"),
                     ("gold human's drop", lambda r: r["reward"]["prompt_swap"]["gold_drop"], ".3f"),
                     ("drop / gold's", lambda r: drop_share(r["reward"]), ".2f")]), ""]
+        out += baselines_section(rows, optional_record(BASELINES) if preset == "small" else None)
         ns = [b["n"] for b in rows[0]["best_of_n"]]
         out += ["### Best-of-N on the held-out prompts (sample 1 is the SFT sample)", "",
                 "| N | KL bound (nats) | gold | follow | win rate vs SFT |", "| ---: | ---: | ---: | ---: | ---: |"]
@@ -520,13 +566,18 @@ def main():
     if args == ["--time"]:
         print(f"python ppo.py: {time_chain()['seconds']:.0f} s")
     if args == ["--update"]:
-        new = collect(os.path.join(ROOT, "out"))
-        if not new:
-            sys.exit("error: no out/seeds/<preset>/results.json; run python notebooks/experiments/seeds.py first")
-        with open(RECORD) as f:
-            record = merge(json.load(f), new)
-        with open(RECORD, "w") as f:
-            json.dump(record, f, indent=1)
+        new, baselines = collect(os.path.join(ROOT, "out")), baselines_record(os.path.join(ROOT, "out"))
+        if not new and not baselines:
+            sys.exit("error: no out/seeds/<preset>/results.json nor out/reward/metrics.json with the rules; run "
+                     "python notebooks/experiments/seeds.py or python reward.py first")
+        if new:
+            with open(RECORD) as f:
+                record = merge(json.load(f), new)
+            with open(RECORD, "w") as f:
+                json.dump(record, f, indent=1)
+        if baselines:
+            with open(BASELINES, "w") as f:
+                json.dump(baselines, f, indent=1)
         levers = optional_record(os.path.join(ROOT, "out", "rm_levers", "results.json"))
         if levers:
             with open(LEVERS, "w") as f:

@@ -2,12 +2,13 @@
 Reward-model levers: what closes the gap between the reward model and its labels, measured on the seeds' chains.
 
 PPO's gain follows its reward model, so the InstructGPT result holds on every seed only if every seed's reward model
-learns the request: within 8 points of the labels' ceiling, with a prompt-swap drop of at least 60% of the gold
-human's own (notebooks/experiments/RESULTS.md judges both on the worst seed). reward.py's defaults miss both on every seed of
-notebooks/experiments/seeds.py, and they under-fit: the reward model gets its own training pairs right little more often than
-held-out ones. Each lever here is one reward model per seed, trained on that seed's SFT model and pairs
-(out/seeds/<preset>/seed<s>/, built by notebooks/experiments/seeds.py) with reward.py's training loop and measured exactly as
-reward.py measures it, on the same held-out pairs. The row `recipe` is each seed's reward model as the chain built it.
+learns the request: within 8 points of the labels' ceiling, with a prompt-swap drop of at least 60% of the gold human's
+own (notebooks/experiments/RESULTS.md judges both on the worst seed). reward.py's defaults miss both on every seed of
+notebooks/experiments/seeds.py, and they under-fit: the reward model gets its own training pairs right little more often
+than held-out ones. Each lever here is one reward model per seed, trained on that seed's SFT model and pairs
+(out/seeds/<preset>/seed<s>/, built by notebooks/experiments/seeds.py) with reward.py's training loop and measured
+exactly as reward.py measures it, on the same held-out pairs. The row `recipe` is each seed's reward model as the chain
+built it.
 
   steps=2560        two passes over the ~10,000 pairs instead of one (reward.py's --steps)
   margin=small      LLaMA-2's margin loss -log sigmoid(r_w - r_l - m(grade)) (Touvron et al. 2023, eq. 2), the
@@ -34,8 +35,9 @@ again, each pair's z drawn given the choice the labeller made (z > 0 for the cho
 distribution of labels and grades. The rows above were measured on chains whose pairs had no grades.
 
 Run:  python notebooks/experiments/rm_levers.py [--seeds=1337,3,4] [--variants="margin=none;twin_steps=0"]
-      -> out/rm_levers/results.json (a (seed, variant) done before is reused); `notebooks/experiments/results.py --update`
-         ships it as notebooks/experiments/figures/rm_levers.json and renders it into notebooks/experiments/RESULTS.md
+      -> out/rm_levers/results.json (a (seed, variant) done before is reused);
+         `notebooks/experiments/results.py --update` ships it as notebooks/experiments/figures/rm_levers.json and
+         renders it into notebooks/experiments/RESULTS.md
 """
 import json
 import math
@@ -168,7 +170,7 @@ class Ensemble(torch.nn.Module):
     def __init__(self, members):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
-        self.config = members[0].config  # the members' readout (reward.rm_scores)
+        self.config = members[0].config  # the members' readout (model.rm_scores)
         self.head = torch.nn.Module()
         self.head.bias = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 

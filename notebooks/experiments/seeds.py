@@ -183,7 +183,7 @@ def run_seed(seed, cfg):
                    "pretrained_follow_rate": json.load(open(path("sft")))["pretrained"]["follow_rate"]},
            "reward": {k: rm[k] for k in ("heldout_accuracy", "heldout_accuracy_expected", "label_ceiling",
                                          "label_ceiling_expected", "train_accuracy", "rm_gold_correlation",
-                                         "prompt_swap", "heldout_by_term")},
+                                         "prompt_swap", "heldout_by_term", "baselines") if k in rm},
            "best_of_n": json.load(open(path("best_of_n")))["best_of_n"],
            "ppo": summary(path("ppo")), "dpo": summary(path("dpo")),
            "settings": settings(rcfg, pcfg, dcfg)}
