@@ -281,8 +281,7 @@ def centre_and_evaluate(rm, policy, eval_pairs, ceiling, cfg, device):
     metrics = {"heldout_accuracy": stages.agreement(chosen, rejected), "label_ceiling": ceiling,
                "rm_gold_correlation": stages.pearson(scores, gold)}
     print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    gaps = [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"])
-            for p in eval_pairs]  # g(chosen) - g(rejected)
+    gaps = stages.gold_gaps(eval_pairs)  # g(chosen) - g(rejected)
     metrics["heldout_accuracy_expected"], metrics["label_ceiling_expected"] = stages.expected_accuracy(
         gaps, chosen, rejected, cfg.tau)
     metrics["baselines"] = stages.baselines(eval_pairs, gaps, cfg.tau)

@@ -278,15 +278,23 @@ def agreement(chosen_scores, rejected_scores):
     return float(((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean())
 
 
-WORDS = lambda text: set(re.findall(r"[a-z]+", text.lower()))  # noqa: E731
-TEMPLATE = WORDS(data.alpaca_prompt("", "-"))  # the Alpaca template's own words, which every prompt has
+def gold_gaps(pairs):
+    """g(chosen_i) - g(rejected_i) of each pair, by the gold human: > 0 where its label agrees with the gold order."""
+    return [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in pairs]
+
+
+def words(text):
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+TEMPLATE = words(data.alpaca_prompt("", "-"))  # the Alpaca template's own words, which every prompt has
 # Is a reward model's accuracy good? Beside it, scorers that read no weights and work on any English pairs: on
 # Anthropic's HH pairs "the longer answer" alone agrees with the labels about 55% of the time (trlx issue 257)
 RULES = {"the longer answer": lambda prompt, response: len(re.findall(r"[a-z]+", response.lower())),
-         "names the request": lambda prompt, response: len((WORDS(prompt) - TEMPLATE) & WORDS(response))}
+         "names the request": lambda prompt, response: len((words(prompt) - TEMPLATE) & words(response))}
 
 
-def baselines(pairs, gaps=(), tau=1.0):
+def baselines(pairs, gaps=(), tau=None):
     """Each rule's agreement with the pairs' labels and, given gaps[i] = g(chosen_i) - g(rejected_i), averaged over
     the labeller's coin (expected_accuracy): {rule: {"accuracy", "expected"}}."""
     out = {}
@@ -319,7 +327,7 @@ def prompt_swap(score_fn, pairs):
     under one that asks for something else (other_prompts): a prompt-blind scorer's agreement with the gold order
     does not drop, and the gold human's own drop is the most a scorer can show. Gold ties are skipped.
     Returns {"right", "swapped", "drop", "gold_swapped", "gold_drop", "pairs"}; agreements count ties half."""
-    gaps = [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in pairs]
+    gaps = gold_gaps(pairs)
     pairs, gaps = [p for p, g in zip(pairs, gaps) if g != 0], [g for g in gaps if g != 0]
     prompts = [p["prompt"] for p in pairs]
     swapped = other_prompts(prompts)

@@ -483,7 +483,7 @@ def test_rules_agreement_by_hand_ties_count_half():
     pairs = [{"prompt": prompt, "chosen": "Lily the fox ran.", "rejected": "Tom ran home fast today."},
              {"prompt": prompt, "chosen": "A cat sat.", "rejected": "A dog sat."}]
     # the request's own words (the template's left out): story, about, lily, fox; chosen repeats 2, rejected 0
-    assert stages.WORDS(prompt) - stages.TEMPLATE == {"story", "about", "lily", "fox"}
+    assert stages.words(prompt) - stages.TEMPLATE == {"story", "about", "lily", "fox"}
     rules = stages.baselines(pairs)
     # longer: pair 1 picks the rejected (5 words > 4), pair 2 is a tie (3 = 3): (0 + 1/2) / 2
     assert rules["the longer answer"] == {"accuracy": 0.25}
@@ -572,6 +572,7 @@ def test_reward_end_to_end_reports_the_rules_beside_the_reward_model(reward_run)
     eval_pairs, _ = reward.label_pairs(policy, sft.eval_prompts(cfg.n_eval_pairs), cfg.tau, cfg.max_new_tokens, "cpu",
                                        cfg.seed + 1)
     gaps = [data.gold_reward(p["prompt"], p["chosen"]) - data.gold_reward(p["prompt"], p["rejected"]) for p in eval_pairs]
+    assert stages.gold_gaps(eval_pairs) == gaps
     assert saved["baselines"] == stages.baselines(eval_pairs, gaps, cfg.tau)  # the same held-out pairs
     assert set(saved["baselines"]) == {"the longer answer", "names the request"}
     assert "your_heldout" not in saved  # the story world's pairs alone
