@@ -17,6 +17,7 @@ self-attention softmax(Q K^T / sqrt(hs)) V, a GELU MLP. Departures:
 Shapes: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head size (C // nh),
         P prompt length, R response length.
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runs import CheckpointError, atomic_write
+from runs import CheckpointError, atomic_write, read_text
 
 
 @dataclass
@@ -141,8 +142,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         # Untied, unit-scale embeddings. Words the world uses in the same contexts (its twelve animals) get the
@@ -288,6 +288,26 @@ def rm_scores(rm, ids, attention_mask, response_start):
     return (values * response).sum(1) / response.sum(1)
 
 
+# ----------------------------------------------------------------------------- the dtype a training step runs in
+
+_CPU_FLAGS = read_text("/proc/cpuinfo").split() if os.path.exists("/proc/cpuinfo") else []
+CPU_BF16 = [f for f in ("avx512_bf16", "amx_bf16") if f in _CPU_FLAGS]  # bf16 units (none listed: bf16 is emulated)
+
+
+def train_dtype(device, choice="auto"):
+    """--train_dtype resolved, "bfloat16" or "float32": auto is bfloat16 on CUDA and on a CPU with bf16 units, where
+    a step of pretraining, SFT or the reward model is 1.4-2x faster. The CPU samples in float32 all the same, since
+    its bf16 generation is slower (notebooks/experiments/benchmark.py --cpu_bf16=true measures both)."""
+    bf16 = torch.device(device).type == "cuda" or (torch.device(device).type == "cpu" and bool(CPU_BF16))
+    return ("bfloat16" if bf16 else "float32") if choice == "auto" else choice
+
+
+def train_autocast(device, choice="auto"):
+    """A supervised step's autocast; PPO and DPO train in sampling's (runs.autocast), to match its log-probs."""
+    bf16 = train_dtype(device, choice) == "bfloat16"
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 KINDS = {"GPT": GPT, "ScalarHeadModel": ScalarHeadModel}
@@ -313,8 +333,7 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch's own message runs to several lines of advice: its type is enough here
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); {FIX}") from None
-    if not (isinstance(ckpt, dict) and {"model", "config", "kind"} <= ckpt.keys()
-            and ckpt["kind"] in KINDS):
+    if not (isinstance(ckpt, dict) and {"model", "config", "kind"} <= ckpt.keys() and ckpt["kind"] in KINDS):
         raise CheckpointError(f"{path}: not a checkpoint of this project; {FIX}")
     return ckpt
 

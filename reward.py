@@ -29,7 +29,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import data
 import sft
 import stages
-from model import ScalarHeadModel, load_model, rm_scores
+from model import ScalarHeadModel, load_model, rm_scores, train_autocast, train_dtype
 from runs import (atomic_write, autocast, barrier, check_finite, data_parallel, load_jsonl, mean_over_processes,
                   my_share, on_rank_0, one_line_errors, parse_config, pick_device, rank, save_jsonl, to_device)
 from stages import StageConfig, files_or_empty, interval, non_negative, one_of, positive, run_fields
@@ -63,12 +63,12 @@ class Config(StageConfig):
     """labeller temperature in P(a > b) = sigmoid((g(a) - g(b)) / tau); smaller is less noisy"""
     grades: bool = True
     """the labeller also says how much better (graded_label), and the loss has LLaMA-2's margin for it"""
-    steps: int = 2560
+    steps: int = 1400
     """many small steps, as in pretraining: checking a story against its request is learned late"""
     twin_steps: int = 640
     """a curriculum: the first twin_steps train on the twin pairs alone, where only the request decides; 0: none"""
-    batch_size: int = 8
-    """pairs per step"""
+    batch_size: int = 2
+    """prompts per step, each with all its pairs: 2 of the story world's are 16 responses (8 each) and 8 to 20 pairs"""
     lr: float = 1e-3
     weight_decay: float = 0.1
     label_smoothing: float = 0.1
@@ -86,10 +86,11 @@ class Config(StageConfig):
     """rejection sampling: training prompts, each answered by best-of-rs_n"""
     rs_n: int = 8
     rs_steps: int = 100
-    """rejection sampling: fine-tuning steps on the best-of-N samples"""
+    rs_batch_size: int = 8
+    """rejection sampling: fine-tuning steps on the best-of-N samples, and samples per step"""
 
 
-PRESETS = {"small": {}, "medium": dict(n_prompts=1500, steps=3840, rs_steps=150)}  # sft.PRESETS says what they are
+PRESETS = {"small": {}, "medium": dict(n_prompts=1500, steps=2100, rs_steps=150)}  # sft.PRESETS says what they are
 
 
 # ----------------------------------------------------------------------------- the labeller and the loss
@@ -115,22 +116,13 @@ def preference_loss(chosen_rewards, rejected_rewards, margins=0.0, smoothing=0.0
     return -((1 - smoothing) * F.logsigmoid(z) + smoothing * F.logsigmoid(-z)).mean()
 
 
-def tokenize_responses(prompts, responses):
-    """prompt + response + EOT as right-padded ids and mask (B, T), and where each response starts (B,)."""
-    eot = data.special(data.EOT)
-    prompt_ids = [data.encode(p) for p in prompts]
-    seqs = [torch.tensor(p + data.encode(r) + [eot]) for p, r in zip(prompt_ids, responses)]
-    mask = data.pad_right([torch.ones(len(s), dtype=torch.bool) for s in seqs], False)
-    return data.pad_right(seqs, eot), mask, torch.tensor([len(p) for p in prompt_ids])
-
-
 @torch.no_grad()
 def score_texts(rm, prompts, responses, device, batch_size=64):
     """RM scores (N,) of response texts."""
     rm.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask, starts = tokenize_responses(prompts[i:i + batch_size], responses[i:i + batch_size])
+        ids, mask, starts = sft.tokenize_responses(prompts[i:i + batch_size], responses[i:i + batch_size])
         with autocast(device):
             out.append(rm_scores(rm, to_device(ids, device), to_device(mask, device), starts).float().cpu())
     return torch.cat(out)
@@ -159,8 +151,7 @@ def label_pairs(policy, prompts, tau, max_new_tokens, device, seed, k=2, retell=
     Returns (pairs, agreement of the labels with the gold order, ties counted half)."""
     makers = (retold,) if retell is True else tuple(retell or ())
     torch.manual_seed(seed)
-    texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(k)], max_new_tokens, device=device,
-                           batch_size=128)
+    texts, *_ = sft.sample(policy, [p for p in prompts for _ in range(k)], max_new_tokens, 1.0, 128, device)
     rng, pairs, agree = random.Random(seed), [], []
     for i, prompt in enumerate(prompts):
         own = texts[k * i:k * (i + 1)]
@@ -222,25 +213,35 @@ def is_twin(pair):
     return pair["chosen"] != pair["rejected"] and KINDS.sub("_", pair["chosen"]) == KINDS.sub("_", pair["rejected"])
 
 
+def by_prompt(pairs):
+    """The pairs grouped by prompt, each response once: [(prompt, responses, [(chosen i, rejected i, margin)])]."""
+    groups = {}
+    for p in pairs:
+        responses, comparisons = groups.setdefault(p["prompt"], ({}, []))
+        i, j = (responses.setdefault(p[k], len(responses)) for k in ("chosen", "rejected"))
+        comparisons.append((i, j, float(p.get("margin", 0.0))))
+    return [(prompt, list(responses), comparisons) for prompt, (responses, comparisons) in groups.items()]
+
+
 def train_reward_model(rm, pairs, cfg, device):
-    """Bradley-Terry training on pairs, the first cfg.twin_steps on their twins alone; returns the history."""
+    """Bradley-Terry training, batch_size prompts a step with all their pairs (the first twin_steps: twins alone)."""
     optimizer = stages.make_optimizer(rm, cfg.lr, cfg.weight_decay, device)
     rng = torch.Generator().manual_seed(cfg.seed)
-    contrast, history = [p for p in pairs if is_twin(p)], []
+    groups, twins, history = by_prompt(pairs), by_prompt([p for p in pairs if is_twin(p)]), []
     for step in range(cfg.steps):
         t0 = time.time()
         rm.train()
-        pool = contrast if step < cfg.twin_steps and contrast else pairs  # the curriculum: the request first
+        pool = twins if step < cfg.twin_steps and twins else groups  # the curriculum: the request first
         batch = my_share([pool[i] for i in torch.randint(len(pool), (cfg.batch_size,), generator=rng)])
-        prompts = [p["prompt"] for p in batch]
-        # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
-        responses = [p["chosen"] for p in batch] + [p["rejected"] for p in batch]
-        ids, mask, starts = tokenize_responses(prompts * 2, responses)
-        with autocast(device):
-            scores = rm_scores(rm, to_device(ids, device), to_device(mask, device), starts)  # (2B,)
-        chosen_rewards, rejected_rewards = scores.float().chunk(2)  # (B,), (B,)
-        margins = torch.tensor([float(p.get("margin", 0.0)) for p in batch], device=scores.device)  # (B,) 0 if none
-        loss = preference_loss(chosen_rewards, rejected_rewards, margins, cfg.label_smoothing)
+        # every response of the batch once, in one forward: a prompt's K responses score all its pairs of them
+        # (InstructGPT, section 3.5: K forwards instead of two per comparison, and no response seen twice an epoch)
+        ids, mask, starts = sft.tokenize_responses(*zip(*[(x, y) for x, ys, _ in batch for y in ys]))  # (R, T): R rows
+        with train_autocast(device, cfg.train_dtype):
+            scores = rm_scores(rm, to_device(ids, device), to_device(mask, device), starts).float()  # (R,)
+        first = [sum(len(ys) for _, ys, _ in batch[:b]) for b in range(len(batch))]  # each prompt's first row
+        w, l, m = zip(*[(f + i, f + j, m) for f, (_, _, cs) in zip(first, batch) for i, j, m in cs])  # the pairs
+        chosen_rewards, rejected_rewards = scores[list(w)], scores[list(l)]  # (N,), (N,): N pairs
+        loss = preference_loss(chosen_rewards, rejected_rewards, scores.new_tensor(m), cfg.label_smoothing)
         check_finite(step, loss=loss)
         stages.optimizer_step(rm, optimizer, loss, stages.lr_at(step, cfg.steps, cfg.lr, warmup=10))
         acc = float((chosen_rewards > rejected_rewards).float().mean())
@@ -406,8 +407,8 @@ def rejection_sampling(cfg):
     torch.manual_seed(cfg.seed + 4)
     best, _, _ = best_of_n(policy, rm, prompts, cfg.rs_n, cfg.max_new_tokens, device)
     demos = [{"instruction": i, "input": x, "output": b} for (i, x), b in zip(tasks, best)]
-    examples = data.sft_tensors(demos, policy.config.block_size)
-    history = sft.finetune(policy, examples, cfg.rs_steps, cfg.lr, cfg, device, tag="rs")
+    examples, rs_cfg = data.sft_tensors(demos, policy.config.block_size), replace(cfg, batch_size=cfg.rs_batch_size)
+    history = sft.finetune(policy, examples, cfg.rs_steps, cfg.lr, rs_cfg, device, tag="rs")
     eval_prompts = sft.eval_prompts(cfg.eval_prompts)
     metrics, texts, sft_texts = sft.compare_with_sft(policy, sft_model, eval_prompts, cfg.max_new_tokens, device,
                                                      cfg.seed)
@@ -428,7 +429,7 @@ def check(cfg):
     yield from files_or_empty(cfg, "data")
     yield from run_fields(cfg)
     yield from positive(cfg, "n_prompts", "n_eval_pairs", "tau", "steps", "batch_size", "lr", "max_new_tokens",
-                        "eval_prompts", "bon_prompts", "bon_max_n", "rs_prompts", "rs_n", "rs_steps")
+                        "eval_prompts", "bon_prompts", "bon_max_n", "rs_prompts", "rs_n", "rs_steps", "rs_batch_size")
     yield "k", cfg.k >= 2, ">= 2: a pair needs two samples"
     yield "bon_max_n", cfg.bon_max_n >= 2, ">= 2: best-of-N compares the SFT sample with at least one more"
     yield from non_negative(cfg, "weight_decay", "twin_steps")

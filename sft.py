@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import data
 import stages
-from model import GPT, GPTConfig, load_model, sequence_logps
+from model import GPT, GPTConfig, load_model, sequence_logps, train_autocast, train_dtype
 from runs import (autocast, check_finite, data_parallel, mean_over_processes, my_share, on_rank_0, one_line_errors,
                   parse_config, pick_device, rank, to_device)
 from stages import StageConfig, files_or_empty, interval, non_negative, one_of, positive, run_fields
@@ -100,7 +100,8 @@ def pretrain(cfg):
     # the exact vocabulary: padding it to a multiple of 64 would leave ids no token decodes to, yet sampling can draw
     model = GPT(GPTConfig(data.tokenizer().n_vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout,
                           causal=not mlm)).to(device)
-    print(f"pretraining ({cfg.objective}) {model.num_params() / 1e6:.2f}M parameters on {len(train_stream)} tokens")
+    print(f"pretraining ({cfg.objective}) {model.num_params() / 1e6:.2f}M parameters on {len(train_stream)} tokens, "
+          f"steps in {train_dtype(device, cfg.train_dtype)}")
     optimizer = stages.make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     forward = torch.compile(model) if cfg.compile else model  # same weights; checkpoints save the plain model
     rng = torch.Generator().manual_seed(cfg.seed)
@@ -116,7 +117,7 @@ def pretrain(cfg):
         t0 = time.time()
         model.train()
         x, y = map(my_share, batch(train_stream))  # (B/N, T) each: this process's rows of the global batch
-        with autocast(device):
+        with train_autocast(device, cfg.train_dtype):
             _, loss = forward(x, y)
         check_finite(step, loss=loss)
         stages.optimizer_step(model, optimizer, loss, stages.lr_at(step, cfg.pretrain_steps, cfg.lr))
@@ -136,10 +137,22 @@ def pretrain(cfg):
 
 # ----------------------------------------------------------------------------- stage 2: SFT
 
-def sft_batch(examples, batch_size, rng, device):
-    """A batch of (ids, labels) pairs, right-padded; padded labels are -1 so they add nothing to the loss. Under
-    torchrun, this process's share of it."""
-    pick = my_share([examples[i] for i in torch.randint(len(examples), (batch_size,), generator=rng)])
+def length_grouped(lengths, batch_size, rng, groups=8):
+    """Endless batches of indices: each row drawn at random as before, but `groups` batches at a time, sorted by
+    length and cut into batches (fairseq's and Hugging Face's group_by_length), so a batch pads little: of a batch
+    of 32 demonstrations padded to its longest, 94% of the tokens are real where 72% were."""
+    while True:
+        idx = torch.randint(len(lengths), (groups * batch_size,), generator=rng)  # (G * B,)
+        idx = idx[torch.argsort(torch.as_tensor(lengths)[idx], stable=True)]  # shortest first
+        for g in torch.randperm(groups, generator=rng).tolist():  # the G batches in random order
+            yield idx[g * batch_size:(g + 1) * batch_size]
+
+
+def sft_batch(examples, batch_size, rng, device, idx=None):
+    """A batch of (ids, labels) pairs, right-padded; padded labels are -1 so they add nothing to the loss. idx: which
+    examples (length_grouped's), else batch_size at random. Under torchrun, this process's share of it."""
+    idx = torch.randint(len(examples), (batch_size,), generator=rng) if idx is None else idx
+    pick = my_share([examples[i] for i in idx])
     ids = data.pad_right([p[0] for p in pick], data.special(data.PAD))  # (B, T)
     labels = data.pad_right([p[1] for p in pick], -1)  # (B, T)
     return to_device(ids, device), to_device(labels, device)
@@ -158,11 +171,13 @@ def finetune(model, examples, steps, lr, cfg, device, tag="sft"):
     optimizer = stages.make_optimizer(model, lr, cfg.weight_decay, device)
     rng = torch.Generator().manual_seed(cfg.seed)
     history = []
+    batches = length_grouped([len(e[0]) for e in examples], cfg.batch_size, rng)
+    print(f"{tag}: {steps} steps of {cfg.batch_size} demonstrations in {train_dtype(device, cfg.train_dtype)}")
     for step in range(steps):
         t0 = time.time()
         model.train()
-        ids, labels = sft_batch(examples, cfg.batch_size, rng, device)
-        with autocast(device):
+        ids, labels = sft_batch(examples, cfg.batch_size, rng, device, next(batches))
+        with train_autocast(device, cfg.train_dtype):
             logits, _ = model(ids)  # (B, T, V)
             loss = sft_loss(logits, labels)
         check_finite(step, **{f"{tag}_loss": loss})
@@ -260,6 +275,15 @@ def sequence_logprobs(model, prompt_ids, response_ids, device="cpu", batch_size=
         with autocast(device):
             out.append(sequence_logps(model, ids, labels).float().cpu())
     return torch.cat(out)
+
+
+def tokenize_responses(prompts, responses):
+    """prompt + response + EOT as right-padded ids and mask (B, T), and where each response starts (B,)."""
+    eot = data.special(data.EOT)
+    prompt_ids = [data.encode(p) for p in prompts]
+    seqs = [torch.tensor(p + data.encode(r) + [eot]) for p, r in zip(prompt_ids, responses)]
+    mask = data.pad_right([torch.ones(len(s), dtype=torch.bool) for s in seqs], False)
+    return data.pad_right(seqs, eot), mask, torch.tensor([len(p) for p in prompt_ids])
 
 
 def win_rate(prompts, responses, baseline):

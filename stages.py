@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 import data
-from model import load_checkpoint, save_checkpoint
+from model import load_checkpoint, save_checkpoint, train_dtype
 from runs import (FUSED, CheckpointError, atomic_write, average_gradients, barrier, deferred_interrupt,
-                  parse_config, rank, resolve_preset, same_start)
+                  parse_config, pick_device, rank, resolve_preset, same_start)
 
 # ----------------------------------------------------------------------------- the fields every stage's Config has
 
@@ -34,6 +34,8 @@ class StageConfig:
     """cpu, cuda, mps (Apple's GPU), or auto: CUDA, then MPS, then the CPU"""
     seed: int = 1337
     """every stage's seed: a later script builds the earlier stages with it"""
+    train_dtype: str = "auto"
+    """pretraining's, SFT's and the reward model's steps: bfloat16, float32 or auto (model.train_dtype), as --seed"""
 
 
 # ----------------------------------------------------------------------------- the optimiser, the log line, saving
@@ -45,8 +47,7 @@ def make_optimizer(model, lr, weight_decay, device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95),
-                             fused=FUSED.get(torch.device(device).type, False))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=FUSED.get(torch.device(device).type, False))
 
 
 def lr_at(step, steps, lr, warmup=20):
@@ -58,10 +59,9 @@ def lr_at(step, steps, lr, warmup=20):
 
 
 def optimizer_step(model, optimizer, loss, lr, clip=1.0):
-    """One AdamW step on loss, its gradient clipped to norm clip. Every stage trains through here, so this is where
-    data parallelism averages the processes' gradients (runs.average_gradients: one explicit all-reduce, where
-    DistributedDataParallel's wrapper would change every call and checkpoint of the model). The clip and the step see
-    the same gradient in every process."""
+    """One AdamW step on loss, its gradient clipped to norm clip. Every stage trains through here, so here data
+    parallelism averages the processes' gradients (runs.average_gradients: one all-reduce, where DDP's wrapper would
+    change every call and checkpoint of the model): the clip and the step see the same gradient in every process."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -103,19 +103,18 @@ def log(step, **fields):
 
 # ----------------------------------------------------------------------------- the chain of stages
 
-# Each stage: the script whose Config builds it, the stages it starts from, and the Config fields that shape what
-# it writes (the rest only change what is evaluated or printed). best_of_n, ppo and dpo end the chain: recorded, never
-# reused.
+# Each stage: the script whose Config builds it, the stages it starts from, and the Config fields that shape what it
+# writes (the rest change only what is evaluated or printed). best_of_n, ppo and dpo end the chain: never reused.
 CHAIN = {
     "pretrain":  ("sft", (), ("objective", "corpus", "seed", "n_layer", "n_head", "n_embd", "block_size", "dropout",
-                              "n_docs", "pretrain_steps", "pretrain_batch_size", "lr", "weight_decay")),
+                              "n_docs", "pretrain_steps", "pretrain_batch_size", "lr", "weight_decay", "train_dtype")),
     "sft":       ("sft", ("pretrain",), ("data", "seed", "n_demos", "sft_steps", "batch_size", "lr",
-                                         "weight_decay")),
+                                         "weight_decay", "train_dtype")),
     "pairs":     ("reward", ("sft",), ("n_prompts", "k", "retell", "tau", "grades", "seed", "max_new_tokens")),
     "reward":    ("reward", ("sft", "pairs"), ("data", "seed", "steps", "twin_steps", "batch_size", "lr",
-                                               "weight_decay", "readout", "label_smoothing")),
-    "rejection": ("reward", ("sft", "reward"), ("seed", "rs_prompts", "rs_n", "rs_steps", "batch_size", "lr",
-                                                "weight_decay", "max_new_tokens")),
+                                               "weight_decay", "readout", "label_smoothing", "train_dtype")),
+    "rejection": ("reward", ("sft", "reward"), ("seed", "rs_prompts", "rs_n", "rs_steps", "rs_batch_size", "lr",
+                                                "weight_decay", "max_new_tokens", "train_dtype")),
     "best_of_n": ("reward", ("sft", "reward"), ()),
     "ppo":       ("ppo", ("sft", "reward"), ()),
     "dpo":       ("dpo", ("sft", "pairs"), ()),
@@ -144,9 +143,9 @@ def stage_config(stage, cfg):
     --seed=3` builds seed 3's chain, as notebooks/experiments/seeds.py does)."""
     script = importlib.import_module(CHAIN[stage][0])
     if script_of(cfg) != CHAIN[stage][0]:
-        seed = [f"--seed={cfg.seed}"] if hasattr(cfg, "seed") else []  # an experiment's Config may have none
+        own = [f"--{f}={getattr(cfg, f)}" for f in ("seed", "train_dtype") if hasattr(cfg, f)]  # experiments' may lack
         cfg = parse_config(script.Config, [f"--preset={cfg.preset}", f"--out_dir={cfg.out_dir}",
-                                           f"--device={cfg.device}", *seed], script.PRESETS, script.check, quiet=True)
+                                           f"--device={cfg.device}", *own], script.PRESETS, script.check, quiet=True)
     return dataclasses.replace(cfg, stage={"pairs": "reward"}.get(stage, stage)) if hasattr(cfg, "stage") else cfg
 
 
@@ -155,8 +154,10 @@ def record(stage, cfg):
     a user's file among the settings is recorded by its content."""
     cfg = stage_config(stage, cfg)
     _, parents, fields = CHAIN[stage]
-    settings = {f: getattr(cfg, f) for f in fields or [f.name for f in dataclasses.fields(cfg)]
-                if f not in ("stage", "out_dir", "device", "preset")}
+    fields = fields or [f.name for f in dataclasses.fields(cfg) if f.name != "train_dtype"]  # ppo, dpo: not used
+    settings = {f: getattr(cfg, f) for f in fields if f not in ("stage", "out_dir", "device", "preset")}
+    if "train_dtype" in settings:  # what auto is on this machine: a stage trained in bf16 is another draw than in fp32
+        settings["train_dtype"] = train_dtype(pick_device(cfg.device), cfg.train_dtype)
     for f in ("corpus", "data"):
         if settings.get(f):
             with open(settings[f], "rb") as file:
@@ -206,8 +207,7 @@ def check_reuse(stage, cfg, asked=None):
 
 
 def ensure_stage(stage, cfg):
-    """The path of stage's output, built first (with stage_config(stage, cfg)) if missing, or reused as check_reuse
-    allows."""
+    """The path of stage's output: built first (stage_config) if missing, else reused if check_reuse allows."""
     path = output_path(stage, cfg.out_dir)
     if os.path.exists(path):
         check_reuse(stage, cfg)
@@ -230,7 +230,8 @@ def time_lines(cfg, stage, seconds):
     print("\n".join(f"time | {name:<9} | {s / 60:5.1f} min" for name, s in {**times, "total": seconds}.items()))
     if rank() == 0:
         with atomic_write(os.path.join(cfg.out_dir, stage, "times.json")) as f:
-            json.dump({"seconds": times, "total": seconds, "threads": torch.get_num_threads()}, f, indent=1)
+            json.dump({"seconds": times, "total": seconds, "threads": torch.get_num_threads(),
+                       "train_dtype": train_dtype(pick_device(cfg.device), cfg.train_dtype)}, f, indent=1)
 
 
 # ----------------------------------------------------------------------------- judging a scorer against the gold human
@@ -343,8 +344,7 @@ def prompt_swap(score_fn, pairs):
 
 
 # ----------------------------------------------------------------------------- rows of the scripts' check(cfg)
-# Rows for the scripts' check(cfg): each yields (field, ok, allowed). parse_config stops at the first row that
-# fails, so a row may rely on the rows above it (n_embd % n_head needs n_head > 0 first).
+# Each yields (field, ok, allowed); parse_config stops at the first that fails, so a row may rely on those above it.
 
 def positive(cfg, *fields):
     for f in fields:
@@ -382,10 +382,8 @@ def writable(path):
 
 
 def device_exists(name):
-    if name in ("auto", "cpu"):
-        return True
-    if name == "mps":
-        return torch.backends.mps.is_available()
+    if name in ("auto", "cpu", "mps"):
+        return name != "mps" or torch.backends.mps.is_available()
     cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
     return bool(cuda) and torch.cuda.is_available() and int(cuda.group(1) or 0) < torch.cuda.device_count()
 
@@ -396,5 +394,7 @@ def run_fields(cfg):
     yield "device", device_exists(cfg.device), "auto, cpu, mps where Apple's GPU is, or cuda[:i] where CUDA has it"
     if hasattr(cfg, "seed"):
         yield "seed", 0 <= cfg.seed < 2 ** 63, "in [0, 2**63)"
+    if hasattr(cfg, "train_dtype"):
+        yield one_of(cfg, "train_dtype", "auto", "bfloat16", "float32")
 
 

@@ -63,6 +63,7 @@ BAD_FLAGS = [
     ("ppo.py", ["--gamma=1.5"], "--gamma=1.5: must be in [0, 1]"),
     ("ppo.py", ["--max_new_tokens=5000"], "--max_new_tokens=5000: must be <= "),
     ("ppo.py", ["--device=tpu"], "--device=tpu: must be auto, cpu"),
+    ("sft.py", ["--train_dtype=fp16"], "--train_dtype=fp16: must be one of auto, bfloat16, float32"),
     ("dpo.py", ["--beta=0", "--loss_type=ipo"], "--beta=0.0: must be > 0"),
     ("dpo.py", ["--steps=-5"], "--steps=-5: must be > 0"),
     ("dpo.py", ["--beta=-1"], "--beta=-1.0: must be > 0"),

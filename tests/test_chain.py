@@ -92,6 +92,19 @@ def test_a_later_script_builds_the_earlier_stages_with_its_own_seed(chain, capsy
     assert "seed=1337 (this run: 3)" in capsys.readouterr().out
 
 
+def test_a_stage_records_the_dtype_it_trained_in_and_is_not_reused_in_another(chain):
+    import model
+    cfg, rec = chain
+    assert rec["settings"]["train_dtype"] == model.train_dtype("cpu")  # --train_dtype=auto, as it is on this CPU
+    other = {"bfloat16": "float32", "float32": "bfloat16"}[rec["settings"]["train_dtype"]]
+    with pytest.raises(stages.StageMismatch, match=rf"train_dtype='{rec['settings']['train_dtype']}' "
+                                                rf"\(this run: '{other}'\)"):
+        stages.ensure_stage("sft", dataclasses.replace(cfg, train_dtype=other))
+    later = ppo.Config(out_dir=cfg.out_dir, preset="small", device="cpu", train_dtype="float32")
+    assert stages.stage_config("sft", later).train_dtype == "float32"  # python ppo.py --train_dtype: every stage's
+    assert "train_dtype" not in stages.record("ppo", later)["settings"]  # PPO trains in sampling's dtype
+
+
 def test_an_output_without_a_record_is_not_reused(tmp_path):
     (tmp_path / "reward").mkdir()
     (tmp_path / "reward" / "pairs.jsonl").write_text("")

@@ -24,8 +24,10 @@ from model import GPT, GPTConfig, ScalarHeadModel, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
+# float32: the processes' shares of a batch round apart in bf16, and these tests compare weights to 1e-6
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=128, n_docs=100, n_demos=50, pretrain_steps=3, sft_steps=2,
-            pretrain_batch_size=4, batch_size=4, eval_prompts=2, max_new_tokens=8, preset="small", device="cpu")
+            pretrain_batch_size=4, batch_size=4, eval_prompts=2, max_new_tokens=8, preset="small", device="cpu",
+            train_dtype="float32")
 
 
 def flags(**fields):

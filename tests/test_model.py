@@ -330,3 +330,37 @@ def test_auto_preset_follows_cuda(monkeypatch, cuda, preset):
     assert cfg.preset == preset
     assert cfg.n_embd == (sft.PRESETS["medium"]["n_embd"] if cuda else sft.Config().n_embd)
     assert parse_config(sft.Config, ["--n_embd=64"], sft.PRESETS).n_embd == 64  # a flag beats the preset
+
+
+# ----------------------------------------------------------------------------- supervised steps in bf16 where it pays
+
+def test_train_dtype_is_bf16_on_cuda_and_on_a_cpu_with_bf16_units(monkeypatch):
+    import model
+    monkeypatch.setattr(model, "CPU_BF16", [])  # a CPU without bf16 units: there bf16 is emulated, slowly
+    assert [model.train_dtype(d) for d in ("cpu", "mps", "cuda")] == ["float32", "float32", "bfloat16"]
+    monkeypatch.setattr(model, "CPU_BF16", ["avx512_bf16"])
+    assert model.train_dtype("cpu") == "bfloat16" and model.train_dtype("cpu", "float32") == "float32"  # flag wins
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    with model.train_autocast("cpu", "bfloat16"):
+        assert layer(x).dtype == torch.bfloat16
+    with model.train_autocast("cpu", "float32"):
+        assert layer(x).dtype == torch.float32
+
+
+def test_a_bf16_step_computes_the_fp32_loss_and_gradient_to_bf16_precision():
+    # autocast keeps the weights and the optimiser in fp32 and runs the matmuls in bf16 (8 bits of mantissa)
+    from model import train_autocast
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    x, y = torch.randint(0, 64, (4, 32)), torch.randint(0, 64, (4, 32))
+    grads = []
+    for dtype in ("float32", "bfloat16"):
+        model.zero_grad()
+        with train_autocast("cpu", dtype):
+            _, loss = model(x, y)
+        loss.backward()
+        grads.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss32, g32), (loss16, g16) = grads
+    assert abs(loss16 - loss32) < 1e-2 * loss32
+    assert F.cosine_similarity(g16, g32, dim=0) > 0.99
+    assert all(p.dtype == torch.float32 for p in model.parameters())

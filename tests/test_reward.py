@@ -149,12 +149,33 @@ def test_the_first_twin_steps_train_on_twins_alone(monkeypatch):
     story = "Tom the cat went to the park. Tom was happy. The end."
     twin = {"prompt": prompt, "chosen": story, "rejected": story.replace("Tom", "Lily")}
     other = {"prompt": prompt, "chosen": story, "rejected": story.replace("happy", "sad")}
-    seen, tokenize = [], reward.tokenize_responses
-    monkeypatch.setattr(reward, "tokenize_responses", lambda ps, rs: seen.append(rs) or tokenize(ps, rs))
+    seen, tokenize = [], sft.tokenize_responses
+    monkeypatch.setattr(sft, "tokenize_responses", lambda ps, rs: seen.append(rs) or tokenize(ps, rs))
     cfg = reward.Config(steps=6, twin_steps=3, batch_size=4, lr=1e-3)
     reward.train_reward_model(tiny_rm(), [twin] * 2 + [other] * 8, cfg, "cpu")
-    sad = [sum(r == other["rejected"] for r in rs) for rs in seen]  # the non-twin pairs in each step's batch
-    assert sad[:3] == [0, 0, 0] and sum(sad[3:]) > 0  # 4 pairs of 10 a step, 8 of them others: P(none) = 0.2^12
+    sad = [sum(r == other["rejected"] for r in rs) for rs in seen]  # the sad story's rows in each step's batch
+    assert sad[:3] == [0, 0, 0] and min(sad[3:]) > 0  # one prompt: after the twin steps, all of its responses
+
+
+def test_pairs_by_prompt_score_each_response_once_and_every_pair_of_it(monkeypatch):
+    # by hand: prompt x has responses a, b, c in pairs (a > b), (c > a), (a > b) again; prompt y one pair (d > e)
+    pairs = [{"prompt": "x", "chosen": "a", "rejected": "b", "margin": 1.0}, {"prompt": "x", "chosen": "c",
+             "rejected": "a"}, {"prompt": "x", "chosen": "a", "rejected": "b"}, {"prompt": "y", "chosen": "d",
+             "rejected": "e"}]
+    assert reward.by_prompt(pairs) == [("x", ["a", "b", "c"], [(0, 1, 1.0), (2, 0, 0.0), (0, 1, 0.0)]),
+                                       ("y", ["d", "e"], [(0, 1, 0.0)])]
+    # a step of both prompts: 5 rows in one forward, the loss over the 4 pairs, as a naive loop over pairs computes it
+    rows, losses = [], []
+    monkeypatch.setattr(reward, "rm_scores", lambda rm, ids, mask, starts: rows.append(len(ids)) or
+                        torch.tensor([1.0, 0.0, 3.0, 2.0, 5.0], requires_grad=True))
+    monkeypatch.setattr(reward, "preference_loss", lambda w, l, m, eps: losses.append((w, l, m)) or (w - l).sum())
+    monkeypatch.setattr(torch, "randint", lambda n, size, generator: torch.tensor([0, 1]))
+    monkeypatch.setattr(reward.stages, "optimizer_step", lambda *a, **k: None)
+    reward.train_reward_model(tiny_rm(), pairs, reward.Config(steps=1, twin_steps=0, batch_size=2), "cpu")
+    scores = {"a": 1.0, "b": 0.0, "c": 3.0, "d": 2.0, "e": 5.0}  # rows: x's a, b, c, then y's d, e
+    w, l, m = losses[0]
+    assert rows == [5] and w.tolist() == [scores[p["chosen"]] for p in pairs]
+    assert l.tolist() == [scores[p["rejected"]] for p in pairs] and m.tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_bt_label_nearly_noiseless_labeller():
@@ -217,7 +238,7 @@ def test_rm_scores_mean_over_the_response_in_both_layouts():
 
 def test_tokenize_responses_says_where_each_response_starts():
     prompts, responses = train_prompts(2), ["Tom was happy. The end.", "Sad."]
-    ids, mask, starts = reward.tokenize_responses(prompts, responses)
+    ids, mask, starts = sft.tokenize_responses(prompts, responses)
     for row, m, start, p, r in zip(ids, mask, starts, prompts, responses):
         assert row[:start].tolist() == data.encode(p)
         assert row[start:int(m.sum())].tolist() == data.encode(r) + [data.special(data.EOT)]

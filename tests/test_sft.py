@@ -83,6 +83,21 @@ def test_finetune_lowers_the_loss(tmp_path):
     assert after < before - 1.0
 
 
+def test_length_grouped_batches_draw_every_row_alike_and_pad_little():
+    lengths = [len(e[0]) for e in data.sft_tensors(data.sft_examples(2000, seed=0), 192)]
+    batches = sft.length_grouped(lengths, 32, torch.Generator().manual_seed(0), groups=8)
+    drawn = [next(batches) for _ in range(800)]
+    assert all(len(b) == 32 for b in drawn)
+    for block in range(0, 800, 8):  # each group of 8 batches: one draw of 256 rows, sorted and cut in 8
+        spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in drawn[block:block + 8])
+        assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:]))
+    counts = torch.bincount(torch.cat(drawn), minlength=len(lengths)).double()  # 25600 draws of 2000 rows
+    assert abs(counts.std() / counts.mean() - 12.8 ** -0.5) < 0.03  # uniform, with replacement: 12.8 +- sqrt(12.8)
+    real = lambda bs: sum(lengths[i] for b in bs for i in b) / sum(32 * max(lengths[i] for i in b) for b in bs)
+    at_random = [torch.randint(len(lengths), (32,), generator=torch.Generator().manual_seed(s)) for s in range(200)]
+    assert real(drawn) > 0.9 > 0.8 > real(at_random)  # of the padded tokens, the real ones
+
+
 def test_sequence_logprobs_sums_response_tokens_and_ignores_padding():
     model = tiny_lm()
     g = torch.Generator().manual_seed(1)

@@ -18,8 +18,13 @@ patterns collect test_*.py and *_test.py files only, and nothing here is named t
                       global batch of --batch_size windows, the runs taking turns; the ratio of their step times.
   6. bf16 on the CPU  with --cpu_bf16=true, instead of 1-4: the small model's pretraining step and its cached
                       generation under torch.autocast("cpu", bfloat16) against fp32, taking turns; the ratio says
-                      what the CPU's bf16 units (avx512_bf16, amx_bf16 in /proc/cpuinfo) would buy the chain, which
-                      runs in fp32 on the CPU (runs.AUTOCAST).
+                      what the CPU's bf16 units (avx512_bf16, amx_bf16 in /proc/cpuinfo) buy the chain: where it
+                      has them, pretraining's, SFT's and the reward model's steps run in bf16 (model.train_dtype).
+  7. the levers      with --levers=true, instead of 1-4: each speed lever the chain keeps against what it replaced,
+                      side by side on the small model: a pretraining step in bf16 against fp32; an SFT step of 32
+                      demonstrations grouped by length (sft.length_grouped) against 32 at random; the reward model's
+                      time a pair trained on, 2 prompts a step with all their pairs (reward.train_reward_model, its
+                      setup included) against 8 pairs at random, both 16 rows a step.
 
 On CPU it runs the small shape (the small preset's model) in fp32; on CUDA also GPT-2 small (124M) in bf16 with
 fused AdamW, and --compile wraps both training-step models in torch.compile. The GPT-2 small rows have never been
@@ -32,11 +37,15 @@ Run:  python notebooks/experiments/benchmark.py                   (CPU: about a 
       python notebooks/experiments/benchmark.py --compile=true    (CUDA)
       python notebooks/experiments/benchmark.py --processes=2     (2 CPU processes against 1: a few minutes)
       python notebooks/experiments/benchmark.py --cpu_bf16=true   (bf16 autocast against fp32 on the CPU: a minute)
+      python notebooks/experiments/benchmark.py --levers=true     (the chain's speed levers: a few minutes)
 """
 import contextlib
 import dataclasses
+import io
+import itertools
 import json
 import os
+import random
 import re
 import resource
 import statistics
@@ -53,9 +62,10 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import reward  # noqa: E402
 import sft  # noqa: E402
 import stages  # noqa: E402
-from model import GPT, GPTConfig, ScalarHeadModel  # noqa: E402
+from model import CPU_BF16, GPT, GPTConfig, ScalarHeadModel, rm_scores, train_autocast, train_dtype  # noqa: E402
 from runs import atomic_write, autocast, parse_config, pick_device, to_device  # noqa: E402
 
 PROCESSES_RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "processes.json")
@@ -95,6 +105,9 @@ class Config:
     --warmup steps and 8 timed ones)"""
     cpu_bf16: bool = False
     """only section 6: bf16 autocast against fp32 on the CPU, the small model's training step and generation"""
+    levers: bool = False
+    """only section 7: each speed lever the chain keeps (bf16 steps, SFT length groups, reward-model batches by
+    prompt) against what it replaced"""
     seed: int = 0
 
 
@@ -275,15 +288,6 @@ def bench_train_step(gcfg, cfg, device):
 
 # ----------------------------------------------------------------------------- 6. bf16 autocast on the CPU
 
-def cpu_bf16_units():
-    """The CPU's bf16 instructions named in /proc/cpuinfo's flags (none listed: bf16 runs emulated, slowly)."""
-    if not os.path.exists("/proc/cpuinfo"):
-        return []
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-
-
 def bench_cpu_bf16(gcfg, cfg):
     """{fp32 and bf16 ms of a pretraining step, of a cached generation}: the same model and batch, taking turns."""
     model = GPT(gcfg)
@@ -310,6 +314,73 @@ def bench_cpu_bf16(gcfg, cfg):
     for name, fn in (("step", step), ("generate", generate)):
         fp32, bf16 = median_times([under(False, fn), under(True, fn)], "cpu", cfg.warmup, cfg.repeats)
         out[name] = (1000 * fp32, 1000 * bf16)
+    return out
+
+
+# ----------------------------------------------------------------------------- 7. the chain's levers, side by side
+
+def story_pairs(n_prompts, seed):
+    """Pairs shaped as the chain's (4 responses a prompt, all 6 pairs of them and each against its retold twin),
+    from demonstrations instead of SFT samples, labelled at random: the shapes, not the labels, set the time."""
+    rng, pairs = random.Random(seed), []
+    for instruction, input_ in data.tasks("train", n_prompts, seed=seed):
+        prompt = data.alpaca_prompt(instruction, input_)
+        own = [data.demonstration(rng, instruction, input_) for _ in range(4)]
+        twins = [(a, reward.retold(prompt, a, rng)) for a in own]
+        for a, b in list(itertools.combinations(own, 2)) + [(a, b) for a, b in twins if a != b]:
+            pairs.append({"prompt": prompt, "chosen": a, "rejected": b, "margin": 0.0})
+    return pairs
+
+
+def bench_levers(gcfg, cfg, steps=5):
+    """{lever: (ms before, ms after, the unit)}: each lever the chain keeps against what it replaced, on the small
+    model, taking turns; the SFT and reward-model steps run at this CPU's --train_dtype=auto, as the chain does."""
+    dtype, rng = train_dtype("cpu"), torch.Generator().manual_seed(cfg.seed)
+    model = GPT(gcfg)
+    rm = ScalarHeadModel.from_gpt(model)
+    optimizers = {id(m): stages.make_optimizer(m, 1e-4, 0.1, "cpu") for m in (model, rm)}
+    x = torch.randint(gcfg.vocab_size, (cfg.batch_size, gcfg.block_size))  # (B, T)
+    examples = data.sft_tensors(data.sft_examples(4000, seed=cfg.seed), gcfg.block_size)
+    grouped = sft.length_grouped([len(e[0]) for e in examples], 32, rng)
+    pairs = story_pairs(200, cfg.seed)
+
+    def steps_of(m, loss_fn, dtype_):  # `steps` training steps of m on loss_fn()
+        def run():
+            for _ in range(steps):
+                with train_autocast("cpu", dtype_):
+                    loss = loss_fn()
+                stages.optimizer_step(m, optimizers[id(m)], loss, 1e-4)
+        return run
+
+    def sft_loss(draw):
+        ids, labels = sft.sft_batch(examples, 32, rng, "cpu", draw())
+        return sft.sft_loss(model(ids)[0], labels)
+
+    def pairs_at_random():  # the reward model's step before: 8 pairs drawn at random, two rows each
+        batch = [pairs[i] for i in torch.randint(len(pairs), (8,), generator=rng)]
+        ids, mask, starts = sft.tokenize_responses([p["prompt"] for p in batch] * 2,
+                                                   [p["chosen"] for p in batch] + [p["rejected"] for p in batch])
+        return reward.preference_loss(*rm_scores(rm, ids, mask, starts).chunk(2))
+
+    def by_prompt():  # today's: reward.train_reward_model, 2 prompts a step, each response once, all their pairs
+        with contextlib.redirect_stdout(io.StringIO()):  # its log line a step
+            reward.train_reward_model(rm, pairs, reward.Config(steps=steps, twin_steps=0, batch_size=2,
+                                                               seed=int(torch.randint(2 ** 31, (1,)))), "cpu")
+
+    pretrain = lambda: model(x, x)[1]  # noqa: E731
+    at_random = lambda: torch.randint(len(examples), (32,), generator=rng)  # noqa: E731
+    groups = reward.by_prompt(pairs)
+    pairs_a_prompt = sum(len(c) for _, _, c in groups) / len(groups)
+    out = {}
+    a, b = median_times([steps_of(model, pretrain, "float32"), steps_of(model, pretrain, "bfloat16")], "cpu",
+                        cfg.warmup, cfg.repeats)
+    out["pretraining step: bf16 autocast"] = (a / steps, b / steps, "step")
+    a, b = median_times([steps_of(model, lambda: sft_loss(at_random), dtype),
+                         steps_of(model, lambda: sft_loss(lambda: next(grouped)), dtype)], "cpu", cfg.warmup,
+                        cfg.repeats)
+    out["SFT: batches grouped by length"] = (a / steps, b / steps, "step of 32")
+    a, b = median_times([steps_of(rm, pairs_at_random, dtype), by_prompt], "cpu", cfg.warmup, cfg.repeats)
+    out["reward model: batches by prompt"] = (a / (8 * steps), b / (2 * pairs_a_prompt * steps), "pair")
     return out
 
 
@@ -427,8 +498,15 @@ def main():
             json.dump(record, f, indent=1)
         print(f"wrote {PROCESSES_RECORD}")
         return
+    if cfg.levers:
+        print(f"\n7. the chain's levers against what each replaced, the small model, training steps in "
+              f"{train_dtype('cpu')} (bf16 units: {', '.join(CPU_BF16) or 'none'}); ms per unit, medians")
+        row("", "before ms", "after ms", "speed-up")
+        for name, (before, after, unit) in bench_levers(GPTConfig(**SHAPES["small"]), cfg).items():
+            row(f"{name} (a {unit})", f"{1000 * before:.1f}", f"{1000 * after:.1f}", f"{before / after:.2f}x")
+        return
     if cfg.cpu_bf16:
-        units = cpu_bf16_units()
+        units = CPU_BF16
         print(f"\n6. bf16 autocast against fp32 on the CPU, the small model (B={cfg.batch_size} windows; generation "
               f"B={cfg.gen_batch}, cached); bf16 units: {', '.join(units) or 'none listed in /proc/cpuinfo'}")
         res = bench_cpu_bf16(GPTConfig(**SHAPES["small"]), cfg)

@@ -143,6 +143,7 @@ def minutes(rows, stages):
 
 
 CHAIN = ("pretrain", "sft", "pairs", "reward", "ppo")  # what `python ppo.py` builds from nothing
+CLASS_MINUTES = 10  # the bound on `python ppo.py` from nothing, on the slowest 2-core machine a class may have
 
 
 def cpu_model():
@@ -156,18 +157,24 @@ def cpu_model():
 
 def time_chain():
     """`python ppo.py` from nothing cached (the tokenizer aside) in a temporary out_dir, timed as a whole process,
-    with torch's default threads: {"seconds", "machine"}, put into CHAIN_TIME's list (one record a machine, the
-    newest kept: the time is the machine's)."""
+    with torch's default threads: {"seconds", "machine", "train_dtype", "stages", "recipe"}, put into CHAIN_TIME's
+    list, one record a machine, the newest kept; a record of another recipe is dropped (recipe: the records of the
+    SFT model and the reward model PPO started from, which name every stage's settings and dtype)."""
     with tempfile.TemporaryDirectory() as out:
         t0 = time.time()
-        subprocess.run([sys.executable, "ppo.py", f"--out_dir={out}"], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        run = subprocess.run([sys.executable, "ppo.py", f"--out_dir={out}"], cwd=ROOT, check=True, text=True,
+                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         seconds = time.time() - t0
         with open(os.path.join(out, "ppo", "times.json")) as f:  # each stage's own time, as the run printed it
-            stages = {k: round(v, 1) for k, v in json.load(f)["seconds"].items()}
+            times = json.load(f)
+        with open(os.path.join(out, "ppo", "metrics.json")) as f:
+            recipe = json.load(f)["built_from"]["parents"]
+    print("\n".join(line for line in run.stdout.splitlines() if not line.startswith("step ")))  # all but the steps
     record = {"seconds": round(seconds, 1), "machine": f"{cpu_model()}, {os.cpu_count()} cores, all threads",
-              "stages": stages}
-    others = [r for r in optional_record(CHAIN_TIME) or [] if r["machine"] != record["machine"]]
+              "train_dtype": times.get("train_dtype", "float32"),
+              "stages": {k: round(v, 1) for k, v in times["seconds"].items()}, "recipe": recipe}
+    others = [r for r in optional_record(CHAIN_TIME) or []
+              if r["machine"] != record["machine"] and r.get("recipe") == recipe]
     with open(CHAIN_TIME, "w") as f:
         json.dump(others + [record], f, indent=1)
     return record
@@ -246,9 +253,12 @@ def readme_time(chain_time):
     if not chain_time:
         return "`python ppo.py` has not been timed from nothing yet (`python notebooks/experiments/results.py --time`)."
     runs = sorted(chain_time, key=lambda r: -r["seconds"])
-    took = "; ".join(f"{r['seconds'] / 60:.1f} minutes on {r['machine'].split(',')[0]}" for r in runs)
+    took = "; ".join(f"{r['seconds'] / 60:.1f} minutes on {r['machine'].split(',')[0]}, its supervised steps in "
+                     f"{r.get('train_dtype', 'float32')}" for r in runs)
+    bound = "within" if runs[0]["seconds"] <= 60 * CLASS_MINUTES else "over"
     return textwrap.fill(f"From nothing, `python ppo.py` takes {took} (2 cores, all threads, nothing else running; "
-                         f"the slowest machine measured first).", 120)
+                         f"the slowest machine measured first): {bound} the {CLASS_MINUTES} minutes a class has on "
+                         f"the slowest machine.", 120)
 
 
 def full_table(record, processes=None, chain_time=None):
@@ -283,7 +293,10 @@ def full_table(record, processes=None, chain_time=None):
     if record.get("small", {}).get("seeds"):
         lines.append(checks_line(record["small"]["seeds"]))
     if chain_time:
-        took = "; ".join(f"{r['seconds'] / 60:.1f} minutes on {r['machine']}" for r in chain_time)
+        took = "; ".join(f"{r['seconds'] / 60:.1f} minutes on {r['machine']}, supervised steps in "
+                         f"{r.get('train_dtype', 'float32')}" + (" (" + ", ".join(
+                             f"{k} {v / 60:.1f}" for k, v in r["stages"].items()) + ")" if r.get("stages") else "")
+                         for r in chain_time)
         lines.append(f"`python ppo.py` from a fresh start took {took}; nothing else running "
                      f"(`python notebooks/experiments/results.py --time`).")
     if processes:
@@ -352,8 +365,9 @@ def per_seed_table(rows, columns):
 
 
 def change_section(before, record):
-    """RESULTS.md's section on the recipes before today's (RECIPE_BEFORE: a list of {"recipe", "small"}): the checks
-    on each one's seeds, next to today's on the same seeds."""
+    """RESULTS.md's section on the recipes before today's (RECIPE_BEFORE: a list of {"recipe", "small"}, and "name"
+    on one that others were measured against, "after" on those): the checks on each one's seeds, next to today's, or
+    to the named recipe it led to, on the same seeds."""
     rows = record["small"]["seeds"]
     out = ["## How the recipe came to be, seed by seed", "",
            "The checks above on the small preset's chains of earlier recipes (`notebooks/experiments/figures/seeds_before.json`) "
@@ -364,14 +378,21 @@ def change_section(before, record):
         return "/".join(map(str, sorted({r["expected"]["samples"] for r in seeds if "expected" in r})))
 
     for earlier in before:
-        then = earlier["small"]["seeds"]
-        noted = "" if samples(then) == samples(rows) else (
+        # an entry measured against a recipe that has changed since names that recipe's entry ("after")
+        then, after = earlier["small"]["seeds"], {"name": "today's", "seeds": rows}
+        if earlier.get("after"):
+            named = next(e for e in before if e.get("name") == earlier["after"])
+            after = {"name": named["name"], "seeds": named["small"]["seeds"]}
+        when = "after it" if earlier.get("after") else "today"
+        noted = "" if samples(then) == samples(after["seeds"]) else (
             f" Follow and win rates are expectations over {samples(then)} samples a prompt there and "
-            f"{samples(rows)} today (`notebooks/experiments/seeds.py --samples`)"
-            + (f"; KLs one draw there and over {samples(rows)} today."
-               if expected_kls(rows) and not expected_kls(then) else "."))
-        out += [f"### {earlier['recipe']} -> today's", "", f"On {machines(then)}.{noted}", "",
-                change_table(then, rows), ""]
+            f"{samples(after['seeds'])} {when} (`notebooks/experiments/seeds.py --samples`)"
+            + (f"; KLs one draw there and over {samples(after['seeds'])} {when}."
+               if expected_kls(after["seeds"]) and not expected_kls(then) else "."))
+        where = machines(then) if machines(then) == machines(after["seeds"]) else (
+            f"{machines(then)}, and after it on {machines(after['seeds'])}")
+        out += [f"### {earlier['recipe']} -> {after['name']}", "", f"On {where}.{noted}", "",
+                change_table(then, after["seeds"]), ""]
     return "\n".join(out)
 
 

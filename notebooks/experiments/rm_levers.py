@@ -8,9 +8,10 @@ notebooks/experiments/seeds.py, and they under-fit: the reward model gets its ow
 than held-out ones. Each lever here is one reward model per seed, trained on that seed's SFT model and pairs
 (out/seeds/<preset>/seed<s>/, built by notebooks/experiments/seeds.py) with reward.py's training loop and measured
 exactly as reward.py measures it, on the same held-out pairs. The row `recipe` is each seed's reward model as the chain
-built it.
+built it. The shipped rows were measured while a step was 8 pairs drawn at random; a step is now batch_size
+prompts with all their pairs (reward.by_prompt), so a steps= lever of theirs meant other numbers then.
 
-  steps=2560        two passes over the ~10,000 pairs instead of one (reward.py's --steps)
+  steps=2560        two passes over the ~10,000 pairs instead of one (reward.py's --steps; 8 pairs a step then)
   margin=small      LLaMA-2's margin loss -log sigmoid(r_w - r_l - m(grade)) (Touvron et al. 2023, eq. 2), the
   margin=large      labeller's grade of each preference mapped to m as in their appendix A.3.3: small (0, 1/3, 2/3,
   margin=none       1), large (0, 1, 2, 3) for negligibly, slightly, clearly, significantly better; none: m = 0,

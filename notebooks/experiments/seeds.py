@@ -31,7 +31,7 @@ import sft  # noqa: E402
 import stages  # noqa: E402
 from frontier import names, run_experiment, timed_run  # noqa: E402
 from results import cpu_model  # noqa: E402
-from model import load_model  # noqa: E402
+from model import load_model, train_dtype  # noqa: E402
 from runs import atomic_write, parse_config, pick_device, resolve_preset  # noqa: E402
 from stages import run_fields  # noqa: E402
 
@@ -77,9 +77,11 @@ def seed_list(text):
     return seeds or None
 
 
-def machine():
-    """The machine in words: CPU model, cores, torch version and threads."""
-    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}"
+def machine(device="auto"):
+    """The machine in words: CPU model, cores, torch version, threads and the supervised steps' dtype."""
+    threads = torch.get_num_threads()
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}, "
+            f"supervised steps in {train_dtype(pick_device(device))}")
 
 
 FIELDS = ("gold_reward", "gold_reward_sft", "follow_rate", "follow_rate_sft", "kl", "win_rate_vs_sft")
@@ -212,7 +214,7 @@ def train(cfg):
     """Every seed in turn; results.json is rewritten after each. Returns the results dict."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    results = {"preset": resolve_preset(cfg.preset), "machine": machine(), "seeds": []}
+    results = {"preset": resolve_preset(cfg.preset), "machine": machine(cfg.device), "seeds": []}
     out = os.path.join(cfg.out_dir, resolve_preset(cfg.preset), "results.json")
     for seed in seed_list(cfg.seeds):
         results["seeds"].append({**run_seed(seed, cfg), "machine": results["machine"]})
