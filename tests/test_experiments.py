@@ -73,3 +73,17 @@ def test_rm_size_trains_each_width_from_its_own_sft_model(chain):
     for r in rows:
         assert 0 <= r["follow_rate"] <= 1 and r["gap"] == pytest.approx(r["gap"])  # finite
     assert "| 16 wide" in open(os.path.join(out, "rm_size", "table.md")).read()
+
+
+def test_the_levers_benchmark_times_each_lever_on_the_chains_shapes():
+    # a run, not a timing: the benchmark prints ratios; here its pairs have the chain's shape and every lever runs
+    import benchmark
+    from model import GPTConfig
+    pairs = benchmark.story_pairs(6, seed=0)
+    groups = reward.by_prompt(pairs)
+    assert len(groups) == 6 and all(len(ys) <= 8 and len(cs) <= 10 for _, ys, cs in groups)  # 4 samples, 4 twins
+    assert sum(map(reward.is_twin, pairs)) >= 6 * 3  # a twin is dropped only where retelling changes nothing
+    cfg = benchmark.Config(warmup=0, repeats=1, batch_size=2)
+    out = benchmark.bench_levers(GPTConfig(vocab_size=1024, block_size=192, n_layer=1, n_head=2, n_embd=16), cfg,
+                                 steps=1)
+    assert len(out) == 3 and all(before > 0 and after > 0 and unit for before, after, unit in out.values())

@@ -501,9 +501,10 @@ def main():
     if cfg.levers:
         print(f"\n7. the chain's levers against what each replaced, the small model, training steps in "
               f"{train_dtype('cpu')} (bf16 units: {', '.join(CPU_BF16) or 'none'}); ms per unit, medians")
-        row("", "before ms", "after ms", "speed-up")
+        print(f"{'':<48} | {'before ms':>10} | {'after ms':>10} | {'speed-up':>8}")
         for name, (before, after, unit) in bench_levers(GPTConfig(**SHAPES["small"]), cfg).items():
-            row(f"{name} (a {unit})", f"{1000 * before:.1f}", f"{1000 * after:.1f}", f"{before / after:.2f}x")
+            print(f"{f'{name} (a {unit})':<48} | {1000 * before:>10.1f} | {1000 * after:>10.1f} | "
+                  f"{before / after:>7.2f}x")
         return
     if cfg.cpu_bf16:
         units = CPU_BF16
