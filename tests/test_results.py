@@ -78,11 +78,14 @@ def test_results_page_is_rendered_from_the_shipped_record(record):
             "run python notebooks/experiments/results.py"
 
 
-def test_the_record_has_three_seeds_of_every_method(record):
+def test_the_record_has_three_seeds_of_every_method_it_shows(record):
+    # the checks' methods on every seed; an optional one (seeds.py --rejection, --oracle) on every seed or on none,
+    # so that no row of the table is a mean over other seeds than the rest
     rows = record["small"]["seeds"]
     assert len(rows) >= 3 and len({r["seed"] for r in rows}) == len(rows)
     for key, _ in results.METHODS:
-        assert all(results.method_numbers(r, key) is not None for r in rows), key
+        ran = [results.method_numbers(r, key) is not None for r in rows]
+        assert all(ran) or (key in ("rejection", "oracle") and not any(ran)), key
 
 
 def test_cell_is_the_mean_and_range():
