@@ -21,10 +21,10 @@ patterns collect test_*.py and *_test.py files only, and nothing here is named t
                       what the CPU's bf16 units (avx512_bf16, amx_bf16 in /proc/cpuinfo) buy the chain: where it
                       has them, pretraining's, SFT's and the reward model's steps run in bf16 (model.train_dtype).
   7. the levers      with --levers=true, instead of 1-4: each speed lever the chain keeps against what it replaced,
-                      side by side on the small model: a pretraining step in bf16 against fp32; an SFT step of 32
-                      demonstrations grouped by length (sft.length_grouped) against 32 at random; the reward model's
-                      time a pair trained on, 2 prompts a step with all their pairs (reward.train_reward_model, its
-                      setup included) against 8 pairs at random, both 16 rows a step.
+                      side by side on the small model: a pretraining step in bf16 against fp32 (section 6's); an
+                      SFT step of 32 demonstrations grouped by length (sft.length_grouped) against 32 at random; the
+                      reward model's time a pair trained on, 2 prompts a step with all their pairs
+                      (reward.train_reward_model, its setup included) against 8 pairs at random, 16 rows a step.
 
 On CPU it runs the small shape (the small preset's model) in fp32; on CUDA also GPT-2 small (124M) in bf16 with
 fused AdamW, and --compile wraps both training-step models in torch.compile. The GPT-2 small rows have never been
@@ -339,7 +339,6 @@ def bench_levers(gcfg, cfg, steps=5):
     model = GPT(gcfg)
     rm = ScalarHeadModel.from_gpt(model)
     optimizers = {id(m): stages.make_optimizer(m, 1e-4, 0.1, "cpu") for m in (model, rm)}
-    x = torch.randint(gcfg.vocab_size, (cfg.batch_size, gcfg.block_size))  # (B, T)
     examples = data.sft_tensors(data.sft_examples(4000, seed=cfg.seed), gcfg.block_size)
     grouped = sft.length_grouped([len(e[0]) for e in examples], 32, rng)
     pairs = story_pairs(200, cfg.seed)
@@ -367,14 +366,11 @@ def bench_levers(gcfg, cfg, steps=5):
             reward.train_reward_model(rm, pairs, reward.Config(steps=steps, twin_steps=0, batch_size=2,
                                                                seed=int(torch.randint(2 ** 31, (1,)))), "cpu")
 
-    pretrain = lambda: model(x, x)[1]  # noqa: E731
     at_random = lambda: torch.randint(len(examples), (32,), generator=rng)  # noqa: E731
     groups = reward.by_prompt(pairs)
     pairs_a_prompt = sum(len(c) for _, _, c in groups) / len(groups)
-    out = {}
-    a, b = median_times([steps_of(model, pretrain, "float32"), steps_of(model, pretrain, "bfloat16")], "cpu",
-                        cfg.warmup, cfg.repeats)
-    out["pretraining step: bf16 autocast"] = (a / steps, b / steps, "step")
+    fp32, bf16 = bench_cpu_bf16(gcfg, cfg)["step"]  # section 6's pretraining step, in ms
+    out = {"pretraining step: bf16 autocast": (fp32 / 1000, bf16 / 1000, "step")}
     a, b = median_times([steps_of(model, lambda: sft_loss(at_random), dtype),
                          steps_of(model, lambda: sft_loss(lambda: next(grouped)), dtype)], "cpu", cfg.warmup,
                         cfg.repeats)
